@@ -1,0 +1,436 @@
+"""Fashion-MNIST on disk and in memory.
+
+The data flows one way: the four IDX files are located (or downloaded and
+verified), read and validated into uint8 arrays, split into train / validation
+(stratified, seeded) and test, and served either by the plain per-sample
+`FashionMNIST` Dataset or by the fast `BatchLoader`, which keeps a whole split
+on the device as one uint8 tensor and augments whole batches at once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+MEAN = 0.2860  # train split (60,000 images), pixels scaled to [0, 1]
+STD = 0.3530  # same
+
+# The dataset's official location (Zalando Research).
+OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+# split -> (images file, labels file); names as published, without ".gz"
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+COUNTS = {"train": 60_000, "test": 10_000}
+
+# SHA-256 of the *decompressed* bytes, computed once from the real files, so a
+# copy that a distribution recompressed (different .gz bytes) still verifies.
+SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian/Ubuntu: dataset-fashion-mnist
+LOCAL_DIR = Path("data/fashion-mnist")  # relative to the working directory
+
+# IDX type code -> numpy dtype (big-endian as the format prescribes)
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(Exception):
+    """A data problem the user can fix: missing, damaged or unexpected files."""
+
+
+# ---------------------------------------------------------------- IDX reading
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's content, decompressed when it is gzip (detected by magic, not name)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(0)
+            if head == b"\x1f\x8b":
+                return gzip.GzipFile(fileobj=f).read()
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read as IDX or gzipped IDX ({e}).") from None
+
+
+def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into an array, checking magic, type code, dims and size."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{name}: not an IDX file (wrong magic number).")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_TYPES:
+        raise DataError(f"{name}: unknown IDX type code 0x{code:02x}.")
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{name}: IDX header is truncated or declares no dimensions.")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[code])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    body = len(raw) - 4 - 4 * ndim
+    if body != expected:
+        what = "truncated" if body < expected else "longer than declared"
+        raise DataError(
+            f"{name}: file is {what}: header declares {dims} ({expected} bytes of data), "
+            f"found {body} bytes."
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a raw or gzipped IDX file into a numpy array; a bad file raises DataError."""
+    path = Path(path)
+    return parse_idx(_read_bytes(path), str(path))
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        p = directory / name
+        if p.is_file():
+            return p
+    return None
+
+
+def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of `split` ("train" or "test")."""
+    directory = Path(directory)
+    arrays = []
+    for stem in FILES[split]:
+        p = _find_file(directory, stem)
+        if p is None:
+            raise DataError(f"{directory / stem}[.gz] is missing.")
+        arrays.append((p, read_idx(p)))
+    (ip, images), (lp, labels) = arrays
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{ip}: expected uint8 images of 28x28, found {images.dtype} {images.shape}.")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DataError(f"{lp}: expected a 1-D uint8 label file, found {labels.dtype} {labels.shape}.")
+    if len(images) != len(labels):
+        raise DataError(f"{ip} holds {len(images)} images but {lp} holds {len(labels)} labels.")
+    if len(labels) and labels.max() > 9:
+        raise DataError(f"{lp}: label {int(labels.max())} is outside 0..9.")
+    return images, labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------- finding the data
+
+def cache_dir() -> Path:
+    """Per-user cache for downloads: $XDG_CACHE_HOME/fmnist or ~/.cache/fmnist."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fmnist" / "fashion-mnist"
+
+
+def has_files(directory: Path) -> bool:
+    return all(_find_file(directory, s) is not None for pair in FILES.values() for s in pair)
+
+
+def candidates(data_dir: str | Path | None = None) -> list[tuple[Path, str]]:
+    """The places searched, in order, each with where it came from."""
+    if data_dir is not None:  # an explicit choice is the only candidate: no silent fallback
+        return [(Path(data_dir), "--data-dir")]
+    if os.environ.get("FMNIST_DATA"):
+        return [(Path(os.environ["FMNIST_DATA"]), "FMNIST_DATA")]
+    return [
+        (LOCAL_DIR, "working directory"),
+        (cache_dir(), "user cache"),
+        (SYSTEM_DIR, "system package dataset-fashion-mnist"),
+    ]
+
+
+def locate(data_dir: str | Path | None = None) -> Path:
+    """The first directory holding all four files; DataError listing the places tried."""
+    tried = candidates(data_dir)
+    for path, _ in tried:
+        if has_files(path):
+            return path
+    places = ", ".join(f"{p} ({why})" for p, why in tried)
+    raise DataError(
+        f"Fashion-MNIST not found in {places}; get it with `fmnist data --download` "
+        f"or `apt-get install dataset-fashion-mnist`, or point --data-dir/FMNIST_DATA at the four IDX files."
+    )
+
+
+def verify(directory: str | Path) -> dict[str, bool]:
+    """SHA-256 check of each of the four files (decompressed); False when absent or wrong."""
+    directory = Path(directory)
+    result = {}
+    for stem, digest in SHA256.items():
+        p = _find_file(directory, stem)
+        try:
+            result[stem] = p is not None and hashlib.sha256(_read_bytes(p)).hexdigest() == digest
+        except DataError:
+            result[stem] = False
+    return result
+
+
+# ---------------------------------------------------------------- download
+
+def _fetch(url: str, dest: Path, progress: bool, timeout: float) -> None:
+    """Stream `url` into `dest`; an incomplete body raises OSError."""
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.removesuffix(".part"),
+                  disable=not progress, leave=False) as bar:
+            got = 0
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and got != total:
+            raise OSError(f"connection closed after {got} of {total} bytes")
+
+
+def download(dest: str | Path | None = None, base_url: str = OFFICIAL_URL, retries: int = 3,
+             progress: bool = True, timeout: float = 60.0, backoff: float = 1.0) -> Path:
+    """Fetch the four .gz files into `dest` (the user cache by default), verified.
+
+    Each file goes to a temporary name, is checked against its SHA-256 and only
+    then renamed into place, so an interrupted download never leaves a file that
+    looks complete. Files already present and valid are kept.
+    """
+    dest = Path(dest) if dest is not None else cache_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    base_url = base_url if base_url.endswith("/") else base_url + "/"
+    for stem, digest in SHA256.items():
+        final = dest / (stem + ".gz")
+        if final.is_file() and hashlib.sha256(_read_bytes(final)).hexdigest() == digest:
+            continue
+        problem = ""
+        for attempt in range(retries):
+            fd, tmp = tempfile.mkstemp(prefix=stem + ".", suffix=".part", dir=dest)
+            os.close(fd)
+            tmp = Path(tmp)
+            try:
+                _fetch(base_url + stem + ".gz", tmp, progress, timeout)
+                got = hashlib.sha256(_read_bytes(tmp)).hexdigest()
+                if got == digest:
+                    os.replace(tmp, final)
+                    break
+                problem = "checksum mismatch (the file is damaged or not the real data)"
+            except DataError:
+                problem = "the file is not valid gzip/IDX"
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                problem = str(getattr(e, "reason", e))
+            finally:
+                tmp.unlink(missing_ok=True)
+            if attempt + 1 < retries:
+                time.sleep(backoff * 2 ** attempt)
+        else:
+            raise DataError(f"download of {base_url}{stem}.gz failed after {retries} tries: {problem}.")
+    return dest
+
+
+# ---------------------------------------------------------------- splits
+
+@dataclass
+class Splits:
+    """uint8 images (N, 28, 28) and int64 labels for train, val and test."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    directory: Path
+
+
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): val_size images drawn evenly from each class, seeded."""
+    if not 0 <= val_size < len(labels):
+        raise DataError(f"validation size {val_size} must be between 0 and {len(labels) - 1}.")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    # Largest-remainder apportionment so the per-class quotas add up to val_size exactly.
+    exact = counts / counts.sum() * val_size
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[: val_size - quota.sum()]] += 1
+    val = np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)
+    ]) if val_size else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), bool)
+    mask[val] = False
+    return np.flatnonzero(mask), np.sort(val)
+
+
+def load(data_dir: str | Path | None = None, val_size: int = 5000, split_seed: int = 0) -> Splits:
+    """Locate, read and split the data."""
+    directory = locate(data_dir)
+    xtr, ytr = load_split(directory, "train")
+    xte, yte = load_split(directory, "test")
+    tr, va = stratified_split(ytr, val_size, split_seed)
+    t = torch.from_numpy
+    return Splits(
+        train=(t(xtr[tr]), t(ytr[tr])),
+        val=(t(xtr[va]), t(ytr[va])),
+        test=(t(xte.copy()), t(yte)),
+        directory=directory,
+    )
+
+
+# ---------------------------------------------------------------- the plain path
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 28, 28) -> float32 standardised with the train MEAN/STD."""
+    return (images.float() / 255.0 - MEAN) / STD
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Per-sample Dataset: item i is (normalised 1x28x28 float tensor, label).
+
+    `transform`, if given, is applied to the normalised tensor. This is the
+    plain, obviously-correct path, and the oracle that the BatchLoader is
+    tested against.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if len(images) != len(labels):
+            raise ValueError("images and labels differ in length")
+        self.images, self.labels, self.transform = images, labels, transform
+
+    @classmethod
+    def from_dir(cls, data_dir: str | Path | None = None, split: str = "train",
+                 transform: Callable | None = None) -> FashionMNIST:
+        x, y = load_split(locate(data_dir), split)
+        return cls(torch.from_numpy(x), torch.from_numpy(y), transform)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = normalize(self.images[i]).unsqueeze(0)  # (1, 28, 28)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+
+# ---------------------------------------------------------------- the fast path
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched augmentation switches; each draw is independent per image."""
+
+    flip: bool = False  # horizontal flip with probability 1/2
+    translate: int = 0  # shift by up to this many pixels in x and y (zero fill)
+    erase: float = 0.0  # probability of erasing one random rectangle (set to the mean)
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.translate > 0 or self.erase > 0
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
+    """Augment a uint8 batch (B, 28, 28); returns uint8 for flip/translate.
+
+    Erasing is applied later, on the normalised batch (see `erase_batch`).
+    """
+    b, h, w = x.shape
+    dev = x.device
+    if aug.flip:
+        flip = torch.rand(b, generator=gen, device=dev) < 0.5
+        x = torch.where(flip[:, None, None], x.flip(-1), x)
+    if aug.translate > 0:
+        k = aug.translate
+        padded = torch.nn.functional.pad(x, (k, k, k, k))  # (B, h+2k, w+2k), zero = background
+        dy = torch.randint(0, 2 * k + 1, (b, 1), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * k + 1, (b, 1), generator=gen, device=dev)
+        rows = (dy + torch.arange(h, device=dev))[:, :, None].expand(b, h, w + 2 * k)
+        x = padded.gather(1, rows)  # (B, h, w+2k)
+        cols = (dx + torch.arange(w, device=dev))[:, None, :].expand(b, h, w)
+        x = x.gather(2, cols)  # (B, h, w)
+    return x
+
+
+def erase_batch(x: torch.Tensor, p: float, gen: torch.Generator,
+                area: tuple[float, float] = (0.02, 0.25)) -> torch.Tensor:
+    """Random erasing on a normalised batch (B, h, w): one rectangle per chosen image set to 0 (the mean)."""
+    b, h, w = x.shape
+    dev = x.device
+    u = torch.rand(b, 5, generator=gen, device=dev)
+    chosen = u[:, 0] < p
+    frac = area[0] + (area[1] - area[0]) * u[:, 1]
+    aspect = torch.exp((u[:, 2] - 0.5) * 2 * 1.0986)  # log-uniform in [1/3, 3]
+    eh = (torch.sqrt(frac * aspect) * h).round().clamp(1, h).long()
+    ew = (torch.sqrt(frac / aspect) * w).round().clamp(1, w).long()
+    y0 = (u[:, 3] * (h - eh + 1)).long()
+    x0 = (u[:, 4] * (w - ew + 1)).long()
+    r = torch.arange(h, device=dev)[None, :, None]
+    c = torch.arange(w, device=dev)[None, None, :]
+    box = ((r >= y0[:, None, None]) & (r < (y0 + eh)[:, None, None])
+           & (c >= x0[:, None, None]) & (c < (x0 + ew)[:, None, None]) & chosen[:, None, None])
+    return x.masked_fill(box, 0.0)
+
+
+class BatchLoader:
+    """A whole split on the device as one uint8 tensor, served in batches.
+
+    Yields (x, y) with x float (B, 1, 28, 28) normalised and y int64 (B,).
+    The shuffle and the augmentation draws of epoch e depend only on
+    (seed, e), so any epoch can be replayed exactly (this is what makes a
+    resumed run equal an uninterrupted one). No worker processes: on this
+    dataset the per-sample DataLoader is the bottleneck, not the model.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
+                 shuffle: bool = False, augment: Augment = Augment(), seed: int = 0,
+                 device: str | torch.device = "cpu", drop_last: bool = False,
+                 max_batches: int | None = None):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.seed, self.drop_last, self.max_batches = seed, drop_last, max_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return g
+
+    def order(self, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The sample order of the current epoch."""
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        return torch.randperm(n, generator=gen or self._generator(), device=self.device)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        full = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return min(full, self.max_batches) if self.max_batches is not None else full
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = self._generator()
+        idx = self.order(gen)
+        for i in range(len(self)):
+            j = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[j]
+            if self.augment.active:
+                x = augment_batch(x, self.augment, gen)
+            x = normalize(x)
+            if self.augment.erase > 0:
+                x = erase_batch(x, self.augment.erase, gen)
+            yield x.unsqueeze(1), self.labels[j]

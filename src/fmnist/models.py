@@ -1,0 +1,177 @@
+"""Models by name, and the weight-initialisation schemes compared in the course project.
+
+    model = create("mlp", hidden=(256, 128), dropout=0.1)
+    init_weights(model, "xavier")
+
+Every model takes (B, 1, 28, 28) normalised images and returns (B, 10) logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
+}
+INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")
+
+
+class ModelError(ValueError):
+    """An unknown model, activation or init name, or arguments a model does not take."""
+
+
+def register(name: str) -> Callable:
+    """Decorator: make a model factory available to `create(name)`."""
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kw) -> nn.Module:
+    """Build a registered model; an unknown name or argument is a ModelError."""
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model '{name}'; known models: {', '.join(names())}.")
+    try:
+        return _REGISTRY[name](**kw)
+    except TypeError as e:
+        raise ModelError(f"model '{name}': {e}.") from None
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ModelError(f"unknown activation '{name}'; known: {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]()
+
+
+class MLP(nn.Module):
+    """784 -> hidden... -> 10, each hidden layer Linear [-> BatchNorm] -> act [-> Dropout]."""
+
+    def __init__(self, hidden: tuple[int, ...] | list[int] = (256, 128), activation: str = "relu",
+                 dropout: float = 0.0, batch_norm: bool = False, in_features: int = 28 * 28,
+                 classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers.append(nn.Linear(width, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(_activation(activation))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """A small convnet: two conv blocks (conv-BN-act x2, max-pool) and a linear head."""
+
+    def __init__(self, channels: tuple[int, ...] | list[int] = (32, 64), activation: str = "relu",
+                 dropout: float = 0.0, hidden: tuple[int, ...] | list[int] = (),
+                 batch_norm: bool = True, classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c in channels:
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=not batch_norm)]
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(c))
+                layers.append(_activation(activation))
+                c_in = c
+            layers.append(nn.MaxPool2d(2))
+        side = 28 // 2 ** len(channels)
+        layers += [nn.Flatten()]
+        width = c_in * side * side
+        for h in hidden:
+            layers += [nn.Linear(width, h), _activation(activation)]
+            width = h
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register("mlp")
+def mlp(hidden=(256, 128), activation="relu", dropout=0.0, batch_norm=False) -> nn.Module:
+    return MLP(tuple(hidden), activation, dropout, batch_norm)
+
+
+@register("cnn")
+def cnn(hidden=(), activation="relu", dropout=0.0, batch_norm=True, channels=(32, 64)) -> nn.Module:
+    return CNN(tuple(channels), activation, dropout, tuple(hidden), batch_norm)
+
+
+def init_weights(model: nn.Module, scheme: str = "xavier", std: float = 0.01) -> nn.Module:
+    """Re-initialise every Linear and Conv2d weight; biases go to zero (except 'default').
+
+    xavier: Glorot uniform; xavier_normal: Glorot normal; kaiming: He normal (fan_in, relu);
+    normal: N(0, std^2), the "plain random" init of the course project;
+    default: PyTorch's own (Kaiming-uniform with a=sqrt(5)), left untouched.
+    """
+    if scheme not in INITS:
+        raise ModelError(f"unknown init '{scheme}'; known: {', '.join(INITS)}.")
+    if scheme == "default":
+        return model
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            elif scheme == "xavier_normal":
+                nn.init.xavier_normal_(m.weight)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def first_layer(model: nn.Module) -> nn.Module:
+    """The first Linear or Conv2d: the layer whose neurons see the pixels."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return m
+    raise ModelError("model has no Linear or Conv2d layer")
+
+
+def neuron_weights(model: nn.Module, neurons: list[int]) -> torch.Tensor:
+    """Incoming weights of 1-based `neurons` of the first layer, as pictures.
+
+    For an MLP: (K, 28, 28), the 784 weights of each hidden neuron. For a CNN:
+    (K, kh, kw), the (channel-averaged) kernel of each first-layer filter.
+    """
+    layer = first_layer(model)
+    w = layer.weight.detach()
+    count = w.shape[0]
+    bad = [n for n in neurons if not 1 <= n <= count]
+    if bad:
+        raise ModelError(f"cannot track neuron {bad[0]}: the first layer has neurons 1..{count}.")
+    idx = torch.tensor([n - 1 for n in neurons], dtype=torch.long)
+    if isinstance(layer, nn.Linear):
+        side = int(round(w.shape[1] ** 0.5))
+        return w[idx].reshape(len(neurons), side, side).cpu().clone()
+    return w[idx].mean(dim=1).cpu().clone()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,328 @@
+"""Training: `fit(config)` runs one training into a run directory.
+
+The loop, top to bottom, per epoch: seed from (seed, epoch), train, validate,
+step the schedule, append a history row, snapshot the tracked neurons, save
+`last.pt` atomically (and `best.pt` on a better validation accuracy). At the
+end `best.pt` is reloaded and evaluated once on the test split.
+
+Every random draw of epoch e depends only on (seed, e), and `last.pt` holds
+everything else (weights, optimiser, schedule, history, snapshots), so a run
+killed at any moment and resumed ends with the same weights as one that never
+stopped (on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import config as config_mod
+from . import data, models
+from .config import TrainConfig
+
+
+class TrainError(RuntimeError):
+    """A training that cannot go on (divergence, a bad run directory, a missing device)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; `run_dir` can be resumed."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
+
+
+@dataclass
+class Run:
+    dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+# ---------------------------------------------------------------- small pieces
+
+def pick_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; asking for one that is absent is an error."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise TrainError(f"device '{name}' was asked for but is not available here; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def use_all_cores() -> None:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    """(scheduler, per_batch) — onecycle steps every batch, the others once per epoch."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr), False
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=steps_per_epoch * epochs), True
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=cfg.min_lr), False
+    return None, False
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    return models.create(cfg.model, **cfg.model_kwargs())
+
+
+# ---------------------------------------------------------------- one epoch
+
+def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim.Optimizer,
+                    sched=None, label_smoothing: float = 0.0, progress: bool = False,
+                    desc: str = "") -> tuple[float, float, float]:
+    """(mean loss, accuracy, seconds) over the epoch; `sched` is stepped per batch if given."""
+    from tqdm import tqdm
+
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), dtype=torch.long, device=loader.device)
+    n = 0
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        loss_sum += loss.detach() * len(y)  # stays on the device: no sync per batch
+        correct += (logits.detach().argmax(1) == y).sum()
+        n += len(y)
+    return loss_sum.item() / n, correct.item() / n, time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False):
+    """(mean loss, accuracy) or, with return_predictions, (loss, acc, probabilities (N, 10))."""
+    model.eval()
+    loss_sum, correct, n, probs = 0.0, 0, 0, []
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+        if return_predictions:
+            probs.append(logits.softmax(1).cpu())
+    if return_predictions:
+        return loss_sum / n, correct / n, torch.cat(probs)
+    return loss_sum / n, correct / n
+
+
+# ---------------------------------------------------------------- the run
+
+def _default_name(cfg: TrainConfig) -> str:
+    return f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _save(obj: dict, path: Path) -> None:
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"checkpoint {path} does not exist.") from None
+    except Exception as e:  # a damaged or foreign file: say which
+        raise TrainError(f"{path} is not a readable fmnist checkpoint ({type(e).__name__}).") from None
+
+
+def _write_derived(run_dir: Path, history: list[dict], neurons: dict[int, list[torch.Tensor]]) -> None:
+    """history.jsonl and neurons.npz, both rebuilt from the checkpoint state."""
+    write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    arrays = {f"neuron_{k}": torch.stack(v).numpy() for k, v in neurons.items()}
+    arrays["epochs"] = np.arange(len(next(iter(neurons.values())))) if neurons else np.zeros(0)
+    atomic_write(run_dir / "neurons.npz", lambda p: np.savez(open(p, "wb"), **arrays))
+
+
+def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = False,
+        echo: Callable[[str], None] = lambda s: None, command: str = "") -> Run:
+    """Train `cfg` into runs/<name>/ (or continue the run in `resume`); returns the Run."""
+    t_start = time.perf_counter()
+    state: dict | None = None
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "last.pt").is_file():
+            raise TrainError(f"{run_dir} holds no last.pt to resume from.")
+        state = load_checkpoint(run_dir / "last.pt")
+        cfg = config_mod.from_dict(state["config"], where=str(run_dir / "last.pt"))
+    cfg.validate()
+    epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        use_all_cores()
+
+    splits = data.load(cfg.data_dir or None, cfg.val_size, cfg.split_seed)
+    if resume is None:
+        run_dir = Path(cfg.out_dir) / (cfg.name or _default_name(cfg))
+        if (run_dir / "last.pt").exists():
+            raise TrainError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --name.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.replace(cfg, name=run_dir.name)
+    write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
+
+    torch.manual_seed(cfg.seed)
+    model = models.init_weights(build_model(cfg), cfg.init, cfg.init_std).to(device)
+    aug = data.Augment(cfg.flip, cfg.translate, cfg.erase)
+    limit = DRY_RUN_BATCHES if cfg.dry_run else None
+    train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=aug,
+                                    seed=cfg.seed, device=device, max_batches=limit)
+    val_loader = data.BatchLoader(*splits.val, 1024, device=device, max_batches=2 if cfg.dry_run else None)
+    opt = make_optimizer(cfg, model.parameters())
+    sched, per_batch = make_schedule(cfg, opt, len(train_loader), epochs)
+
+    history: list[dict] = []
+    neurons = {k: [t] for k, t in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons))}
+    best = {"val_acc": -1.0, "epoch": 0}
+    start_epoch = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        history, best = state["history"], state["best"]
+        neurons = {int(k): list(v) for k, v in state["neurons"].items()}
+        start_epoch = state["epoch"] + 1
+        echo(f"resuming {run_dir} after epoch {state['epoch']}")
+    _write_derived(run_dir, history, neurons)
+
+    try:
+        for epoch in range(start_epoch, epochs + 1):
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout draws: a function of (seed, epoch)
+            train_loader.set_epoch(epoch)
+            lr = opt.param_groups[0]["lr"]
+            tr_loss, tr_acc, secs = train_one_epoch(
+                model, train_loader, opt, sched if per_batch else None, cfg.label_smoothing,
+                progress, desc=f"epoch {epoch}/{epochs}")
+            val_loss, val_acc = evaluate(model, val_loader)
+            if not (math.isfinite(tr_loss) and math.isfinite(val_loss)):
+                raise TrainError(
+                    f"training diverged at epoch {epoch} (loss is {tr_loss}); try a lower --lr. "
+                    f"The last good checkpoint is {run_dir / 'last.pt'}.")
+            if sched is not None and not per_batch:
+                sched.step(val_loss) if cfg.schedule == "plateau" else sched.step()
+            row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc, val_loss=val_loss,
+                       val_acc=val_acc, seconds=round(secs, 3))
+            history.append(row)
+            for k, t in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons)):
+                neurons[k].append(t)
+            cfg_dict = dataclasses.asdict(cfg)
+            if val_acc > best["val_acc"]:
+                best = {"val_acc": val_acc, "epoch": epoch}
+                _save({"model": model.state_dict(), "config": cfg_dict, "epoch": epoch, "val_acc": val_acc},
+                      run_dir / "best.pt")
+            _save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "scheduler": sched.state_dict() if sched is not None else {},
+                   "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
+                   "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
+                  run_dir / "last.pt")
+            _write_derived(run_dir, history, neurons)
+            echo(f"epoch {epoch:3d}/{epochs}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  {secs:.1f}s")
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
+
+    # The test split, once, with the weights chosen on validation.
+    best_state = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best_state["model"])
+    test_loader = data.BatchLoader(*splits.test, 1024, device=device, max_batches=2 if cfg.dry_run else None)
+    test_loss, test_acc = evaluate(model, test_loader)
+    train_secs = sum(r["seconds"] for r in history)
+    summary = dict(
+        test_accuracy=test_acc, test_loss=test_loss, best_val_accuracy=best["val_acc"],
+        best_epoch=best["epoch"], epochs=len(history),
+        wall_seconds=round(time.perf_counter() - t_start, 2),
+        train_samples_per_second=round(len(history) * min(len(splits.train[1]), len(train_loader) * cfg.batch_size)
+                                       / max(train_secs, 1e-9)),
+        parameters=models.count_parameters(model), device=str(device), torch_version=torch.__version__,
+        seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
+    )
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return Run(run_dir, summary, history)
+
+
+# ---------------------------------------------------------------- evaluation of a saved model
+
+def load_model(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
+    """Model, config and checkpoint from a run directory (its best.pt) or a .pt file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+        if not path.is_file():
+            raise TrainError(f"{path.parent} is not a run directory (no best.pt).")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise TrainError(f"{path} is not an fmnist checkpoint.")
+    cfg = config_mod.from_dict(ckpt["config"], where=str(path))
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, ckpt
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "test", data_dir: str | None = None,
+                        device: str = "auto") -> dict[str, Any]:
+    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split."""
+    model, cfg, ckpt = load_model(path)
+    dev = pick_device(device)
+    splits = data.load(data_dir or cfg.data_dir or None, cfg.val_size, cfg.split_seed)
+    x, y = splits.test if split == "test" else splits.val
+    loss, acc, probs = evaluate(model.to(dev), data.BatchLoader(x, y, 1024, device=dev), return_predictions=True)
+    pred = probs.argmax(1)
+    cm = torch.zeros(10, 10, dtype=torch.long)
+    cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
+    return dict(checkpoint=str(path), split=split, images=len(y), epoch=ckpt.get("epoch"),
+                accuracy=acc, loss=loss, per_class_accuracy=dict(zip(data.CLASSES, per_class)),
+                confusion_matrix=cm.tolist())
