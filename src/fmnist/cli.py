@@ -35,7 +35,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_ = f"{f.metadata['help']} (default: {default if not isinstance(default, list) else ','.join(map(str, default))})"
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_ = f"{f.metadata['help']} (default: {shown})"
         if isinstance(default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif isinstance(default, list):
@@ -111,7 +112,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     checks = data.verify(directory)
     print(f"data:      {directory.resolve()}")
     bad = [k for k, ok in checks.items() if not ok]
-    print("verified:  " + ("yes (SHA-256 of all four files)" if not bad else f"NO: {', '.join(bad)} differ from the real files"))
+    print("verified:  " + ("yes (SHA-256 of all four files)" if not bad
+                           else f"NO: {', '.join(bad)} differ from the real files"))
     splits = {s: data.load_split(directory, s) for s in ("train", "test")}
     print(f"\n{'class':<14}{'train':>8}{'test':>8}")
     counts = {s: np.bincount(y, minlength=10) for s, (_, y) in splits.items()}
@@ -120,11 +122,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(f"{'total':<14}{counts['train'].sum():>8}{counts['test'].sum():>8}")
     x = splits["train"][0].astype(np.float64) / 255.0
     print(f"\ntrain pixels in [0, 1]: mean {x.mean():.4f}  std {x.std():.4f}")
-    if args.samples:
-        from . import plots
-
-        plots.samples(*splits["train"], args.samples)
-        print(f"samples: {args.samples}")
     return 0 if not bad else 1
 
 
@@ -158,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("data", help="where the data is, whether it verifies, class counts, pixel statistics")
-    d.add_argument("--data-dir", help="directory with the IDX files (default: search); with --download, where to put them")
+    d.add_argument("--data-dir",
+                   help="directory with the IDX files (default: search); with --download, where to put them")
     d.add_argument("--download", action="store_true", help="fetch the four files into the user cache (or --data-dir)")
     d.add_argument("--mirror", default=os.environ.get("FMNIST_MIRROR", data.OFFICIAL_URL),
                    help="base URL to download from (default: the official location, or $FMNIST_MIRROR)")
-    d.add_argument("--samples", metavar="FILE.png", help="also write a grid of training images, a row per class")
     d.set_defaults(func=cmd_data)
 
     m = sub.add_parser("models", help="list the registered models and the shipped presets")

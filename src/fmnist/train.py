@@ -208,7 +208,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     if resume is None:
         run_dir = Path(cfg.out_dir) / (cfg.name or _default_name(cfg))
         if (run_dir / "last.pt").exists():
-            raise TrainError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --name.")
+            raise TrainError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                             "or pick another --name.")
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = dataclasses.replace(cfg, name=run_dir.name)
     write_text(run_dir / "config.toml", config_mod.to_toml(cfg))

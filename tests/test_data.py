@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from conftest import idx_bytes, make_dataset, synthetic, write_idx
+
+from fmnist import data
+from fmnist.data import Augment, BatchLoader, DataError, FashionMNIST
+
+# ---------------------------------------------------------------- IDX reader
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_roundtrip(tmp_path, gz):
+    x, _ = synthetic(20, 0)
+    p = write_idx(tmp_path / "img", x, gz=gz)
+    np.testing.assert_array_equal(data.read_idx(p), x)
+
+
+def test_gzip_detected_by_content_not_name(tmp_path):
+    x, _ = synthetic(5, 0)
+    p = tmp_path / "images-no-suffix"
+    p.write_bytes(gzip.compress(idx_bytes(x)))
+    np.testing.assert_array_equal(data.read_idx(p), x)
+
+
+def test_truncated_file(tmp_path):
+    x, _ = synthetic(10, 0)
+    p = tmp_path / "img"
+    p.write_bytes(idx_bytes(x)[:-100])
+    with pytest.raises(DataError, match="truncated") as e:
+        data.read_idx(p)
+    assert str(p) in str(e.value)
+
+
+def test_truncated_gzip_stream(tmp_path):
+    x, _ = synthetic(50, 0)
+    p = tmp_path / "img.gz"
+    p.write_bytes(gzip.compress(idx_bytes(x))[:-500])
+    with pytest.raises(DataError, match=str(p)):
+        data.read_idx(p)
+
+
+def test_wrong_magic(tmp_path):
+    x, _ = synthetic(3, 0)
+    p = tmp_path / "img"
+    p.write_bytes(idx_bytes(x, magic=b"\x12\x34"))
+    with pytest.raises(DataError, match="magic"):
+        data.read_idx(p)
+
+
+def test_unknown_type_code(tmp_path):
+    x, _ = synthetic(3, 0)
+    p = tmp_path / "img"
+    p.write_bytes(idx_bytes(x, type_code=0x42))
+    with pytest.raises(DataError, match="type code 0x42"):
+        data.read_idx(p)
+
+
+def test_longer_than_declared(tmp_path):
+    x, _ = synthetic(3, 0)
+    p = tmp_path / "img"
+    p.write_bytes(idx_bytes(x) + b"\x00" * 7)
+    with pytest.raises(DataError, match="longer than declared"):
+        data.read_idx(p)
+
+
+def test_mismatched_counts(tmp_path):
+    d = make_dataset(tmp_path / "d")
+    _, y = synthetic(599, 1)
+    write_idx(d / "train-labels-idx1-ubyte", y)
+    with pytest.raises(DataError, match="600 images but .* 599 labels"):
+        data.load_split(d, "train")
+
+
+def test_labels_out_of_range(tmp_path):
+    d = make_dataset(tmp_path / "d")
+    _, y = synthetic(600, 1)
+    y[17] = 10
+    write_idx(d / "train-labels-idx1-ubyte", y)
+    with pytest.raises(DataError, match="label 10 is outside 0..9"):
+        data.load_split(d, "train")
+
+
+def test_wrong_image_shape(tmp_path):
+    d = make_dataset(tmp_path / "d")
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((600, 28, 27), np.uint8))
+    with pytest.raises(DataError, match="28x28"):
+        data.load_split(d, "train")
+
+
+# ---------------------------------------------------------------- locating
+
+
+def test_locate_explicit_dir_wins(tiny_dir, monkeypatch, tmp_path):
+    other = make_dataset(tmp_path / "other")
+    monkeypatch.setenv("FMNIST_DATA", str(other))
+    assert data.locate(tiny_dir) == tiny_dir
+    assert data.locate() == other
+
+
+def test_locate_explicit_dir_never_falls_back(tmp_path):
+    with pytest.raises(DataError) as e:
+        data.locate(tmp_path / "nothing-here")
+    msg = str(e.value)
+    assert "nothing-here" in msg and "--download" in msg and "dataset-fashion-mnist" in msg
+    assert "\n" not in msg
+
+
+def test_locate_lists_every_place_tried(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "system")
+    with pytest.raises(DataError) as e:
+        data.locate()
+    for place in ("data/fashion-mnist", str(tmp_path / "cache"), str(tmp_path / "system")):
+        assert place in str(e.value)
+
+
+def test_locate_search_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DIR", make_dataset(tmp_path / "system"))
+    assert data.locate() == tmp_path / "system"
+    make_dataset(data.cache_dir())
+    assert data.locate() == data.cache_dir()
+    make_dataset(tmp_path / "data" / "fashion-mnist", gz=False)
+    assert data.locate() == data.LOCAL_DIR
+
+
+# ---------------------------------------------------------------- split and Dataset
+
+
+def test_stratified_split():
+    labels = np.repeat(np.arange(10), 600)
+    tr, va = data.stratified_split(labels, 500, seed=3)
+    assert len(va) == 500 and len(tr) == 5500
+    assert not set(tr) & set(va)
+    assert (np.bincount(labels[va], minlength=10) == 50).all()
+    tr2, va2 = data.stratified_split(labels, 500, seed=3)
+    np.testing.assert_array_equal(va, va2)
+    _, va3 = data.stratified_split(labels, 500, seed=4)
+    assert not np.array_equal(va, va3)
+
+
+def test_stratified_split_uneven_classes_adds_up():
+    labels = np.array([0] * 7 + [1] * 13 + [2] * 3)
+    tr, va = data.stratified_split(labels, 5, seed=0)
+    assert len(va) == 5 and len(tr) == 18
+
+
+def test_dataset_items_are_normalised_tensors():
+    x, y = synthetic(30, 0)
+    ds = FashionMNIST(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+    assert len(ds) == 30
+    img, label = ds[7]
+    assert img.shape == (1, 28, 28) and img.dtype == torch.float32
+    assert label == int(y[7])
+    expected = (x[7].astype(np.float32) / 255 - data.MEAN) / data.STD
+    np.testing.assert_allclose(img[0].numpy(), expected, rtol=1e-6)
+
+
+def test_dataset_transform_applied():
+    x, y = synthetic(4, 0)
+    ds = FashionMNIST(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), transform=lambda t: t.flip(-1))
+    plain = FashionMNIST(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+    assert torch.equal(ds[2][0], plain[2][0].flip(-1))
+
+
+# ---------------------------------------------------------------- the fast path against the oracle
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batch_loader_matches_dataset(shuffle):
+    x, y = synthetic(301, 5)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    ds = FashionMNIST(xt, yt)
+    loader = BatchLoader(xt, yt, batch_size=64, shuffle=shuffle, seed=9)
+    loader.set_epoch(4)
+    order = loader.order()
+    xs, ys = zip(*loader)
+    xs, ys = torch.cat(xs), torch.cat(ys)
+    assert xs.shape == (301, 1, 28, 28) and len(loader) == 5
+    expected_x = torch.stack([ds[int(i)][0] for i in order])
+    expected_y = torch.tensor([ds[int(i)][1] for i in order])
+    assert torch.equal(xs, expected_x)
+    assert torch.equal(ys, expected_y)
+    if shuffle:
+        assert sorted(order.tolist()) == list(range(301)) and order.tolist() != list(range(301))
+
+
+def test_batch_loader_epochs_are_reproducible_and_differ():
+    x, y = synthetic(200, 5)
+    aug = Augment(flip=True, translate=2, erase=0.5)
+    loader = BatchLoader(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), 50, True, aug, seed=1)
+
+    def epoch(e):
+        loader.set_epoch(e)
+        return torch.cat([b for b, _ in loader])
+
+    a, b, c = epoch(1), epoch(1), epoch(2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_flip_is_per_image():
+    x = torch.from_numpy(synthetic(400, 0)[0])
+    out = data.augment_batch(x, Augment(flip=True), torch.Generator().manual_seed(0))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all()
+    assert 120 < int(mirrored.sum()) < 280  # about half, each drawn on its own
+
+
+def test_translate_shifts_each_image_within_k():
+    x = torch.zeros(300, 28, 28, dtype=torch.uint8)
+    x[:, 14, 14] = 255  # one bright pixel in the middle
+    out = data.augment_batch(x, Augment(translate=2), torch.Generator().manual_seed(0))
+    pos = out.flatten(1).argmax(1)
+    dy, dx = pos // 28 - 14, pos % 28 - 14
+    assert (out.flatten(1).sum(1) == 255).all()  # moved, not lost or duplicated
+    assert dy.abs().max() == 2 and dx.abs().max() == 2
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25  # all 5x5 shifts occur
+
+
+def test_erase_sets_one_rectangle_to_the_mean():
+    x = torch.ones(500, 28, 28)
+    out = data.erase_batch(x, 0.5, torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1).sum(1)
+    hit = erased > 0
+    assert 180 < int(hit.sum()) < 320
+    for i in torch.nonzero(hit)[:20, 0]:
+        rows = torch.nonzero((out[i] == 0).any(1))[:, 0]
+        cols = torch.nonzero((out[i] == 0).any(0))[:, 0]
+        assert erased[i] == len(rows) * len(cols)  # a filled rectangle
+        assert 0.01 * 784 <= erased[i] <= 0.3 * 784
+
+
+@pytest.mark.realdata
+def test_real_data_loads_and_verifies(real_dir):
+    assert all(data.verify(real_dir).values())
+    s = data.load(real_dir)
+    assert len(s.train[1]) == 55_000 and len(s.val[1]) == 5_000 and len(s.test[1]) == 10_000
+    assert (torch.bincount(s.val[1]) == 500).all()
+    x = s.train[0].float() / 255
+    assert abs(x.mean().item() - data.MEAN) < 2e-3
+
+
+@pytest.mark.realdata
+def test_real_fast_loader_equals_dataset(real_dir):
+    s = data.load(real_dir)
+    ds = FashionMNIST(*s.val)
+    loader = BatchLoader(*s.val, batch_size=1000, shuffle=True, seed=2)
+    order = loader.order()
+    xb, yb = next(iter(loader))
+    for k in (0, 1, 999):
+        img, label = ds[int(order[k])]
+        assert torch.equal(xb[k], img) and int(yb[k]) == label

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist import models
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_model_gives_finite_logits(name):
+    torch.manual_seed(0)
+    m = models.create(name)
+    m.eval()
+    out = m(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("scheme", models.INITS)
+def test_every_init_on_every_model_trains_a_step(name, scheme):
+    torch.manual_seed(0)
+    m = models.init_weights(models.create(name), scheme)
+    loss = nn.functional.cross_entropy(m(torch.randn(4, 1, 28, 28)), torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_unknown_model_lists_known():
+    with pytest.raises(models.ModelError) as e:
+        models.create("transformer9000")
+    assert "mlp" in str(e.value) and "cnn" in str(e.value)
+
+
+def test_unknown_argument_is_a_model_error():
+    with pytest.raises(models.ModelError, match="mlp"):
+        models.create("mlp", widht=3)
+
+
+def test_mlp_shape_follows_hidden_sizes():
+    m = models.create("mlp", hidden=(64, 32, 16), dropout=0.1, batch_norm=True)
+    linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(784, 64), (64, 32), (32, 16), (16, 10)]
+    assert sum(isinstance(x, nn.BatchNorm1d) for x in m.modules()) == 3
+    assert sum(isinstance(x, nn.Dropout) for x in m.modules()) == 3
+
+
+def test_xavier_uniform_bounds_and_zero_bias():
+    torch.manual_seed(0)
+    m = models.init_weights(models.create("mlp", hidden=(256, 128)), "xavier")
+    first = models.first_layer(m)
+    bound = math.sqrt(6 / (784 + 256))
+    assert first.weight.abs().max() <= bound
+    assert first.weight.abs().max() > 0.95 * bound  # uniform fills the range
+    assert torch.count_nonzero(first.bias) == 0
+
+
+def test_normal_init_uses_the_given_std():
+    torch.manual_seed(0)
+    m = models.init_weights(models.create("mlp"), "normal", std=0.05)
+    assert models.first_layer(m).weight.std().item() == pytest.approx(0.05, rel=0.02)
+
+
+def test_kaiming_std():
+    torch.manual_seed(0)
+    w = models.first_layer(models.init_weights(models.create("mlp"), "kaiming")).weight
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 784), rel=0.03)
+
+
+def test_default_init_leaves_pytorch_weights():
+    torch.manual_seed(0)
+    a = models.create("mlp")
+    torch.manual_seed(0)
+    b = models.init_weights(models.create("mlp"), "default")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_unknown_init():
+    with pytest.raises(models.ModelError, match="xavier"):
+        models.init_weights(models.create("mlp"), "zeros")
+
+
+def test_neuron_weights_are_rows_of_the_first_layer():
+    m = models.create("mlp")
+    pics = models.neuron_weights(m, [50, 7])
+    assert pics.shape == (2, 28, 28)
+    assert torch.equal(pics[0].flatten(), models.first_layer(m).weight[49].detach())
+    assert torch.equal(pics[1].flatten(), models.first_layer(m).weight[6].detach())
+    with pytest.raises(models.ModelError, match="1..256"):
+        models.neuron_weights(m, [257])
+
+
+def test_cnn_neurons_are_filters():
+    m = models.create("cnn")
+    assert models.neuron_weights(m, [1, 32]).shape == (2, 3, 3)

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist import train
+from fmnist.config import TrainConfig
+
+
+def tiny_config(tiny_dir: Path, out: Path, **kw) -> TrainConfig:
+    base = TrainConfig(data_dir=str(tiny_dir), out_dir=str(out), hidden=[64, 16], epochs=3, batch_size=64,
+                       val_size=100, device="cpu", plots=False, name="run", track_neurons=[50, 7])
+    return dataclasses.replace(base, **kw)
+
+
+def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / name, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fit_writes_the_run_directory(tiny_dir, tmp_path):
+    run = train.fit(tiny_config(tiny_dir, tmp_path))
+    d = run.dir
+    for f in ("config.toml", "history.jsonl", "summary.json", "best.pt", "last.pt", "neurons.npz"):
+        assert (d / f).is_file(), f
+    rows = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    summary = json.loads((d / "summary.json").read_text())
+    for key in ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "epochs", "wall_seconds",
+                "train_samples_per_second", "parameters", "device", "torch_version", "seed", "command"):
+        assert key in summary, key
+    assert summary["best_val_accuracy"] == max(r["val_acc"] for r in rows)
+    assert summary["test_accuracy"] > 0.9  # the synthetic classes are easy: learning happened
+    npz = np.load(d / "neurons.npz")
+    assert npz["neuron_50"].shape == (4, 28, 28) and npz["neuron_7"].shape == (4, 28, 28)
+    assert not np.array_equal(npz["neuron_50"][0], npz["neuron_50"][-1])
+    final_first = weights(d)["net.1.weight"]
+    assert torch.equal(torch.from_numpy(npz["neuron_50"][-1]).flatten(), final_first[49])
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(tiny_dir, tmp_path):
+    run = train.fit(tiny_config(tiny_dir, tmp_path, epochs=4))
+    best = torch.load(run.dir / "best.pt", weights_only=True)
+    assert best["epoch"] == run.summary["best_epoch"]
+    assert best["val_acc"] == max(r["val_acc"] for r in run.history)
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny_dir, tmp_path):
+    a = train.fit(tiny_config(tiny_dir, tmp_path, name="a", erase=0.3, dropout=0.2))
+    b = train.fit(tiny_config(tiny_dir, tmp_path, name="b", erase=0.3, dropout=0.2))
+    c = train.fit(tiny_config(tiny_dir, tmp_path, name="c", erase=0.3, dropout=0.2, seed=1))
+    assert_same_weights(weights(a.dir), weights(b.dir))
+    assert not torch.equal(weights(a.dir)["net.1.weight"], weights(c.dir)["net.1.weight"])
+
+
+def test_refuses_to_overwrite_a_run(tiny_dir, tmp_path):
+    train.fit(tiny_config(tiny_dir, tmp_path, epochs=1))
+    with pytest.raises(train.TrainError, match="--resume"):
+        train.fit(tiny_config(tiny_dir, tmp_path, epochs=1))
+
+
+@pytest.mark.parametrize("schedule,optimizer", [("plateau", "adamw"), ("onecycle", "sgd"), ("cosine", "adam")])
+def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tmp_path, monkeypatch, schedule,
+                                                                    optimizer):
+    kw = dict(epochs=4, schedule=schedule, optimizer=optimizer, dropout=0.1, erase=0.2)
+    whole = train.fit(tiny_config(tiny_dir, tmp_path / "whole", **kw))
+
+    real = train._write_derived
+    calls = {"n": 0}
+
+    def dies_on_third(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after last.pt of epoch 2, before its history row lands
+            raise KeyboardInterrupt
+        real(*a)
+
+    monkeypatch.setattr(train, "_write_derived", dies_on_third)
+    with pytest.raises(train.Interrupted):
+        train.fit(tiny_config(tiny_dir, tmp_path / "cut", **kw))
+    monkeypatch.setattr(train, "_write_derived", real)
+    cut = tmp_path / "cut" / "run"
+    assert len((cut / "history.jsonl").read_text().splitlines()) == 1  # the row of epoch 2 was lost
+    resumed = train.fit(TrainConfig(), resume=cut)
+    assert_same_weights(weights(whole.dir), weights(resumed.dir))
+    assert [r["val_acc"] for r in whole.history] == [r["val_acc"] for r in resumed.history]
+    a, b = np.load(whole.dir / "neurons.npz"), np.load(cut / "neurons.npz")
+    np.testing.assert_array_equal(a["neuron_50"], b["neuron_50"])
+
+
+def test_killed_process_resumes_to_the_same_weights(tiny_dir, tmp_path):
+    """SIGKILL a real `fmnist train` at an arbitrary moment, resume it, compare with an unbroken run."""
+    args = ["--data-dir", str(tiny_dir), "--hidden", "64,16", "--epochs", "40", "--batch-size", "32",
+            "--val-size", "100", "--device", "cpu", "--no-plots", "--quiet", "--dropout", "0.1", "--erase", "0.2"]
+    cmd = [sys.executable, "-m", "fmnist", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + args + ["--out-dir", str(tmp_path / "whole"), "--name", "r"], check=True, env=env)
+
+    p = subprocess.Popen(cmd + args + ["--out-dir", str(tmp_path / "cut"), "--name", "r"], env=env)
+    hist = tmp_path / "cut" / "r" / "history.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:
+        if hist.exists() and len(hist.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.005)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(hist.read_text().splitlines())
+    assert done < 40
+    r = subprocess.run(cmd + ["--resume", str(tmp_path / "cut" / "r"), "--quiet"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(weights(tmp_path / "whole" / "r"), weights(tmp_path / "cut" / "r"))
+    assert len(hist.read_text().splitlines()) == 40
+
+
+def test_divergence_stops_with_a_clear_message(tiny_dir, tmp_path):
+    with pytest.raises(train.TrainError, match="diverged at epoch 1.*lower --lr"):
+        train.fit(tiny_config(tiny_dir, tmp_path, optimizer="sgd", lr=1e6, momentum=0.0))
+    assert not (tmp_path / "run" / "last.pt").exists()  # nothing poisoned was saved
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    real = train.train_one_epoch
+
+    def nan_on_epoch_3(model, loader, *a, **kw):
+        loss, acc, secs = real(model, loader, *a, **kw)
+        if loader.epoch == 3:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+            return float("nan"), acc, secs
+        return loss, acc, secs
+
+    monkeypatch.setattr(train, "train_one_epoch", nan_on_epoch_3)
+    with pytest.raises(train.TrainError, match="epoch 3"):
+        train.fit(tiny_config(tiny_dir, tmp_path, epochs=5))
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_dry_run_is_short_and_complete(tiny_dir, tmp_path):
+    run = train.fit(tiny_config(tiny_dir, tmp_path, dry_run=True, epochs=20, batch_size=8))
+    assert len(run.history) == 2
+    assert (run.dir / "summary.json").is_file()
+
+
+def test_missing_device_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(train.TrainError, match="not available"):
+        train.pick_device("cuda")
+
+
+def test_evaluate_checkpoint(tiny_dir, tmp_path):
+    run = train.fit(tiny_config(tiny_dir, tmp_path))
+    r = train.evaluate_checkpoint(run.dir, "test", data_dir=str(tiny_dir), device="cpu")
+    assert r["accuracy"] == pytest.approx(run.summary["test_accuracy"])
+    cm = np.array(r["confusion_matrix"])
+    assert cm.sum() == 200 and np.trace(cm) / 200 == pytest.approx(r["accuracy"])
+    r_val = train.evaluate_checkpoint(run.dir / "best.pt", "val", data_dir=str(tiny_dir), device="cpu")
+    assert r_val["accuracy"] == pytest.approx(run.summary["best_val_accuracy"])
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_data_two_epochs_learn(real_dir, tmp_path):
+    cfg = TrainConfig(data_dir=str(real_dir), out_dir=str(tmp_path), name="real", epochs=2, plots=False)
+    run = train.fit(cfg)
+    assert run.summary["test_accuracy"] > 0.84
+    assert run.summary["epochs"] == 2
