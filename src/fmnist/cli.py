@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from . import config as config_mod
 from . import data, models
@@ -122,7 +123,21 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(f"{'total':<14}{counts['train'].sum():>8}{counts['test'].sum():>8}")
     x = splits["train"][0].astype(np.float64) / 255.0
     print(f"\ntrain pixels in [0, 1]: mean {x.mean():.4f}  std {x.std():.4f}")
+    if args.samples:
+        from . import plots
+
+        plots.samples(*splits["train"], Path(args.samples))
+        print(f"samples:   {args.samples}")
     return 0 if not bad else 1
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import train
+
+    paths = train.plot_existing(args.run, args.data_dir, args.device)
+    for p in paths:
+        print(p)
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -160,7 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--download", action="store_true", help="fetch the four files into the user cache (or --data-dir)")
     d.add_argument("--mirror", default=os.environ.get("FMNIST_MIRROR", data.OFFICIAL_URL),
                    help="base URL to download from (default: the official location, or $FMNIST_MIRROR)")
+    d.add_argument("--samples", metavar="FILE.png", help="also write a grid of training images, a row per class")
     d.set_defaults(func=cmd_data)
+
+    pl = sub.add_parser("plot", help="(re)draw the figures and report.html of a finished run")
+    pl.add_argument("run", metavar="RUN_DIR")
+    pl.add_argument("--data-dir", help="directory with the IDX files (default: the run's, else search)")
+    pl.add_argument("--device", default="auto", choices=config_mod.DEVICES)
+    pl.set_defaults(func=cmd_plot)
 
     m = sub.add_parser("models", help="list the registered models and the shipped presets")
     m.set_defaults(func=cmd_models)

@@ -41,25 +41,25 @@ class TrainConfig:
     hidden: list[int] = _f([256, 128], "hidden layer widths, comma-separated")
     activation: str = _f("relu", "hidden activation: relu, gelu, silu, tanh, sigmoid, leaky_relu")
     dropout: float = _f(0.0, "dropout probability after each hidden layer")
-    batch_norm: bool = _f(False, "batch normalisation in hidden layers")
+    batch_norm: bool = _f(True, "batch normalisation in hidden layers")
     init: str = _f("xavier", "weight init: xavier, xavier_normal, kaiming, normal, default")
     init_std: float = _f(0.01, "standard deviation of the 'normal' init")
     # how
     epochs: int = _f(20, "number of epochs")
     batch_size: int = _f(128, "training batch size (images)")
     optimizer: str = _f("adamw", "sgd, adam or adamw")
-    lr: float = _f(1e-3, "learning rate (peak rate for onecycle)")
+    lr: float = _f(3e-3, "learning rate (the peak rate for onecycle)")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
-    schedule: str = _f("plateau", "learning-rate schedule: plateau, onecycle, cosine, none")
+    schedule: str = _f("onecycle", "learning-rate schedule: plateau, onecycle, cosine, none")
     plateau_factor: float = _f(0.5, "plateau: multiply the lr by this when val loss stalls")
     plateau_patience: int = _f(1, "plateau: epochs without improvement before reducing")
     min_lr: float = _f(1e-5, "plateau/cosine: lowest learning rate")
     # data
     flip: bool = _f(True, "augment: random horizontal flips")
-    translate: int = _f(1, "augment: random shifts of up to this many pixels (0 = off)")
+    translate: int = _f(0, "augment: random shifts of up to this many pixels (0 = off)")
     erase: float = _f(0.0, "augment: probability of random erasing (0 = off)")
     val_size: int = _f(5000, "validation images held out of the 60,000 training images")
     split_seed: int = _f(0, "seed of the train/validation split")
@@ -72,6 +72,7 @@ class TrainConfig:
     out_dir: str = _f("runs", "parent directory of run directories")
     dry_run: bool = _f(False, "a few batches per epoch and at most 2 epochs: a smoke test")
     plots: bool = _f(True, "write figures and report.html at the end")
+    tensorboard: bool = _f(False, "also log to runs/<name>/tb/ for TensorBoard (pip install 'fmnist[tensorboard]')")
 
     def model_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = dict(activation=self.activation, dropout=self.dropout,

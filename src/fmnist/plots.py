@@ -1,0 +1,238 @@
+"""Every figure of a run, with matplotlib (Agg backend, imported here only).
+
+    plot_run("runs/mlp-...")  # writes runs/<name>/plots/*.png, *.gif
+
+Figures: curves.png (loss, accuracy, learning rate), samples.png (a row of
+training images per class), neuron_<k>.png and .gif (a tracked neuron's
+incoming weights at every epoch), neurons_atlas.png (every first-layer neuron
+at the last epoch), confusion_matrix.png and mistakes.png (test split).
+Grids of many small pictures are tiled into one array and drawn with a single
+imshow: one axes per picture would make the atlas take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+from .data import CLASSES  # noqa: E402
+
+DPI = 110
+DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip("."))
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def tile(pictures: np.ndarray, cols: int, gap: int = 1, fill: float = np.nan) -> np.ndarray:
+    """(N, h, w) -> one (rows*(h+gap)-gap, cols*(w+gap)-gap) mosaic; gaps and empty cells are `fill`."""
+    n, h, w = pictures.shape
+    rows = -(-n // cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), fill, dtype=np.float32)
+    for i, p in enumerate(pictures):
+        r, c = divmod(i, cols)
+        out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = p
+    return out
+
+
+# ---------------------------------------------------------------- training curves
+
+def curves(history: list[dict], path: Path, test_accuracy: float | None = None,
+           best_epoch: int | None = None, title: str = "") -> Path:
+    ep = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax_loss.plot(ep, [r["train_loss"] for r in history], "o-", ms=3, label="train")
+    ax_loss.plot(ep, [r["val_loss"] for r in history], "o-", ms=3, label="validation")
+    ax_loss.set(title="Loss (cross-entropy)", xlabel="epoch", ylabel="loss")
+    ax_acc.plot(ep, [100 * r["train_acc"] for r in history], "o-", ms=3, label="train")
+    ax_acc.plot(ep, [100 * r["val_acc"] for r in history], "o-", ms=3, label="validation")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    if test_accuracy is not None:
+        ax_acc.axhline(100 * test_accuracy, color="k", ls=":", lw=1)
+        ax_acc.annotate(f"test {100 * test_accuracy:.2f}%", (ep[0], 100 * test_accuracy), xytext=(2, 4),
+                        textcoords="offset points", fontsize=9)
+    ax_lr.plot(ep, [r["lr"] for r in history], "o-", ms=3, color="tab:purple")
+    ax_lr.set(title="Learning rate (at the start of each epoch)", xlabel="epoch", ylabel="learning rate")
+    if min(r["lr"] for r in history) > 0:
+        ax_lr.set_yscale("log")
+    for ax in (ax_loss, ax_acc):
+        if best_epoch:
+            ax.axvline(best_epoch, color="tab:green", ls="--", lw=1, label=f"best val (epoch {best_epoch})")
+        ax.legend(fontsize=9)
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+        if len(ep) <= 25:
+            ax.set_xticks(ep)
+            ax.tick_params(axis="x", labelsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- data
+
+def samples(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 12, seed: int = 0) -> Path:
+    """A grid of real images: one row per class, labelled with the class name."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    rows = [images[rng.choice(np.flatnonzero(labels == c), per_class, replace=False)] for c in range(10)]
+    mosaic = tile(np.concatenate(rows).astype(np.float32), per_class, gap=2, fill=0)
+    fig, ax = plt.subplots(figsize=(per_class * 0.75 + 1.6, 8.4))
+    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([c * 30 + 14 for c in range(10)], [f"{c}  {name}" for c, name in enumerate(CLASSES)])
+    ax.set_xticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    ax.set_title("Fashion-MNIST training images, one row per class")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- what the neurons learned
+
+def neuron_evolution(snapshots: np.ndarray, neuron: int, path: Path, conv: bool = False, cols: int = 7) -> Path:
+    """A tracked neuron's incoming weights at every snapshot, one shared symmetric colour scale."""
+    n = len(snapshots)
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    vmax = float(np.abs(snapshots).max()) or 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 1.2, 2.05 * rows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < n:
+            im = ax.imshow(snapshots[i], cmap=DIVERGING, vmin=-vmax, vmax=vmax, interpolation="nearest")
+            ax.set_title("initial (epoch 0)" if i == 0 else f"epoch {i}", fontsize=9)
+    h, w = snapshots[0].shape
+    what = f"Filter {neuron} of the first convolution ({h}x{w} kernel, averaged over input channels)" if conv else \
+        f"Neuron {neuron} of the first hidden layer: its {h * w} incoming weights as a {h}x{w} picture"
+    fig.suptitle(f"{what}, before training and after each epoch")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="weight (same scale in every panel)")
+    return _save(fig, path)
+
+
+def neuron_gif(snapshots: np.ndarray, neuron: int, path: Path, size: int = 280, ms_per_frame: int = 500) -> Path:
+    """The same as an animation: one frame per snapshot, epoch written on each frame."""
+    from PIL import Image, ImageDraw
+
+    vmax = float(np.abs(snapshots).max()) or 1.0
+    cmap = matplotlib.colormaps[DIVERGING]
+    frames = []
+    for e, w in enumerate(snapshots):
+        rgb = (cmap(Normalize(-vmax, vmax)(w))[..., :3] * 255).astype(np.uint8)
+        img = Image.fromarray(rgb).resize((size, size), Image.NEAREST)
+        canvas = Image.new("RGB", (size, size + 24), "white")
+        canvas.paste(img, (0, 24))
+        ImageDraw.Draw(canvas).text((6, 5), f"neuron {neuron}, epoch {e}", fill="black")
+        frames.append(canvas)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    tmp.replace(path)
+    return path
+
+
+def atlas(weights: np.ndarray, path: Path, conv: bool = False, epoch: int | None = None) -> Path:
+    """Every first-layer neuron (or filter) as a small picture, each on its own symmetric scale."""
+    n = len(weights)
+    scale = np.abs(weights).reshape(n, -1).max(1)[:, None, None]
+    pictures = weights / np.where(scale > 0, scale, 1.0)
+    cols = int(np.ceil(np.sqrt(n)))
+    mosaic = tile(pictures, cols, gap=1)
+    side = 10 if not conv else 6
+    fig, ax = plt.subplots(figsize=(side, side * mosaic.shape[0] / mosaic.shape[1] + 0.8))
+    cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    when = f" after epoch {epoch}" if epoch is not None else ""
+    if conv:
+        ax.set_title(f"All {n} filters of the first convolution{when}\n"
+                     "(this model has no fully connected first layer; kernels averaged over input channels)")
+    else:
+        ax.set_title(f"Incoming weights of all {n} neurons of the first hidden layer{when}\n"
+                     "(each picture on its own scale: red positive, blue negative; reading order = neuron number)")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- test-set results
+
+def confusion_matrix(cm: np.ndarray, path: Path, title: str = "") -> Path:
+    cm = np.asarray(cm)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(9.5, 8))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(10):
+        for j in range(10):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(10), CLASSES, rotation=40, ha="right")
+    ax.set_yticks(range(10), CLASSES)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    acc = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(title or f"Test confusion matrix: {cm.sum()} images, accuracy {100 * acc:.2f}%\n"
+                          "(colour: fraction of the true class; numbers: image counts)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the row")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Path, n: int = 24,
+             cols: int = 8) -> Path:
+    """The n most confidently wrong test images: true class, predicted class and its probability."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 2.25 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[pred[i]]}\n{100 * probs[i, pred[i]]:.1f}%",
+                     fontsize=8, color="firebrick")
+    fig.suptitle(f"The {len(wrong)} most confidently wrong test images (of {len(np.flatnonzero(pred != labels))} "
+                 "mistakes)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- all of a run
+
+def plot_run(run_dir: str | Path, test_images: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray,
+             train_images: np.ndarray, train_labels: np.ndarray, first_layer: np.ndarray,
+             conv: bool) -> list[Path]:
+    """Write every figure of the run into run_dir/plots/; returns their paths."""
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    paths = [
+        curves(history, out / "curves.png", summary.get("test_accuracy"), summary.get("best_epoch"),
+               title=f"{run_dir.name}"),
+        samples(train_images, train_labels, out / "samples.png"),
+    ]
+    with np.load(run_dir / "neurons.npz") as z:
+        for key in sorted(k for k in z.files if k.startswith("neuron_")):
+            k = int(key.split("_")[1])
+            paths.append(neuron_evolution(z[key], k, out / f"neuron_{k}.png", conv=conv))
+            paths.append(neuron_gif(z[key], k, out / f"neuron_{k}.gif"))
+    paths.append(atlas(first_layer, out / "neurons_atlas.png", conv=conv, epoch=len(history)))
+    pred = test_probs.argmax(1)
+    cm = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(cm, (test_labels, pred), 1)
+    paths.append(confusion_matrix(cm, out / "confusion_matrix.png"))
+    paths.append(mistakes(test_images, test_labels, test_probs, out / "mistakes.png"))
+    return paths

@@ -1,0 +1,119 @@
+"""report.html: one self-contained page for a run (no scripts, no fonts, no network).
+
+The figures are referenced as plots/<file>, relative to the run directory, so
+the page shows them wherever the run directory is copied.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import config as config_mod
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1150px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: .2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+.cards { display: flex; flex-wrap: wrap; gap: .8em; margin: 1em 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; min-width: 9em; }
+.card b { display: block; font-size: 1.5em; }
+img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
+th { background: #f5f5f5; } tr.best { background: #eaf6ea; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: 13px; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 13px; }
+"""
+
+CAPTIONS = {
+    "curves.png": "Loss and accuracy on the training and validation splits per epoch, and the learning rate. "
+                  "The dashed line marks the epoch with the best validation accuracy (its weights are the ones "
+                  "tested); the dotted line is the test accuracy.",
+    "samples.png": "Real training images, one row per class.",
+    "neurons_atlas.png": "The incoming weights of every first-layer neuron after the last epoch.",
+    "confusion_matrix.png": "Which classes the model confuses on the test split.",
+    "mistakes.png": "The test images the model got wrong with the most confidence.",
+}
+
+
+def _cards(summary: dict) -> str:
+    items = [
+        ("test accuracy", f"{100 * summary['test_accuracy']:.2f}%"),
+        ("best validation accuracy", f"{100 * summary['best_val_accuracy']:.2f}%"),
+        ("best epoch", f"{summary['best_epoch']} / {summary['epochs']}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("training speed", f"{summary['train_samples_per_second']:,} images/s"),
+        ("parameters", f"{summary['parameters']:,}"),
+        ("device", html.escape(summary["device"])),
+    ]
+    return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
+
+
+def _history_table(history: list[dict], best_epoch: int | None) -> str:
+    head = "<tr><th>epoch</th><th>learning rate</th><th>train loss</th><th>train acc</th>" \
+           "<th>val loss</th><th>val acc</th><th>seconds</th></tr>"
+    rows = []
+    for r in history:
+        cls = ' class="best"' if r["epoch"] == best_epoch else ""
+        rows.append(f"<tr{cls}><td>{r['epoch']}</td><td>{r['lr']:.2e}</td><td>{r['train_loss']:.4f}</td>"
+                    f"<td>{100 * r['train_acc']:.2f}%</td><td>{r['val_loss']:.4f}</td>"
+                    f"<td>{100 * r['val_acc']:.2f}%</td><td>{r['seconds']:.2f}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _figure(name: str, caption: str, alt: str) -> str:
+    return (f'<figure><img src="plots/{html.escape(name)}" alt="{html.escape(alt)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def write(run_dir: str | Path) -> Path:
+    """Write run_dir/report.html from the run's files; returns its path."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
+    cfg_text = (run_dir / "config.toml").read_text()
+    cfg = config_mod.read_toml(run_dir / "config.toml")
+    plots = run_dir / "plots"
+    neurons = sorted((p.name for p in plots.glob("neuron_*.png")), key=lambda s: int(s[7:-4]))
+
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>fmnist run {html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>",
+        f"<h1>Run {html.escape(run_dir.name)}</h1>",
+        f"<p>{html.escape(cfg.get('model', ''))} {html.escape(str(cfg.get('hidden', '')))}, "
+        f"{html.escape(cfg.get('optimizer', ''))} lr {cfg.get('lr')}, {summary['epochs']} epochs, seed "
+        f"{summary['seed']}, torch {html.escape(summary['torch_version'])}. "
+        f"Reproduce: <code>{html.escape(summary.get('command', ''))}</code></p>",
+        _cards(summary),
+        "<h2>Learning curves</h2>", _figure("curves.png", CAPTIONS["curves.png"], "learning curves"),
+        "<h2>What the first layer learned</h2>",
+    ]
+    for name in neurons:
+        k = name[7:-4]
+        parts.append(_figure(name, f"Neuron {k}: its incoming weights before training (epoch 0) and after each "
+                                   "epoch, all on one colour scale (red positive, blue negative).",
+                             f"neuron {k} across epochs"))
+        if (plots / f"neuron_{k}.gif").exists():
+            parts.append(_figure(f"neuron_{k}.gif", f"Neuron {k} as an animation, one frame per epoch.",
+                                 f"neuron {k} animation"))
+    parts += [
+        _figure("neurons_atlas.png", CAPTIONS["neurons_atlas.png"], "first-layer atlas"),
+        "<h2>Test results</h2>",
+        _figure("confusion_matrix.png", CAPTIONS["confusion_matrix.png"], "confusion matrix"),
+        _figure("mistakes.png", CAPTIONS["mistakes.png"], "confident mistakes"),
+        "<h2>The data</h2>", _figure("samples.png", CAPTIONS["samples.png"], "training samples"),
+        "<h2>History</h2>", _history_table(history, summary.get("best_epoch")),
+        "<h2>Configuration</h2>", f"<pre>{html.escape(cfg_text)}</pre>",
+        "<h2>Summary</h2>", f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>",
+        "</body></html>\n",
+    ]
+    path = run_dir / "report.html"
+    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+    return path
