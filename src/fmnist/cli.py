@@ -154,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmnist", description="Train, inspect and evaluate Fashion-MNIST classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model into runs/<name>/",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a model into runs/<name>/")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     add_config_flags(t)

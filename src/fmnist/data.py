@@ -290,8 +290,8 @@ def load(data_dir: str | Path | None = None, val_size: int = 5000, split_seed: i
 # ---------------------------------------------------------------- the plain path
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 28, 28) -> float32 standardised with the train MEAN/STD."""
-    return (images.float() / 255.0 - MEAN) / STD
+    """uint8 (..., 28, 28) -> float32 standardised with the train MEAN/STD: (x/255 - MEAN)/STD."""
+    return images.float().mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
 
 
 class FashionMNIST(torch.utils.data.Dataset):

@@ -150,7 +150,7 @@ def atlas(weights: np.ndarray, path: Path, conv: bool = False, epoch: int | None
     scale = np.abs(weights).reshape(n, -1).max(1)[:, None, None]
     pictures = weights / np.where(scale > 0, scale, 1.0)
     cols = int(np.ceil(np.sqrt(n)))
-    mosaic = tile(pictures, cols, gap=1)
+    mosaic = tile(pictures, cols, gap=2)
     side = 10 if not conv else 6
     fig, ax = plt.subplots(figsize=(side, side * mosaic.shape[0] / mosaic.shape[1] + 0.8))
     cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="white")
