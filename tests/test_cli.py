@@ -124,6 +124,15 @@ def test_data_command_on_unverified_files(tiny_dir, capsys):
     assert "verified:  NO" in out and "Trouser" in out and "60" in out
 
 
+def test_data_samples_grid(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "s.png"
+    cli.main(["data", "--data-dir", str(tiny_dir), "--samples", str(out)])
+    img = Image.open(out)
+    assert img.size[0] > 300 and img.size[1] > 300
+
+
 @pytest.mark.realdata
 def test_data_command_real(real_dir, capsys):
     assert cli.main(["data", "--data-dir", str(real_dir)]) == 0

@@ -120,3 +120,19 @@ def test_tensorboard_missing_says_how_to_get_it(tiny_dir, tmp_path, monkeypatch)
                       val_size=100, device="cpu", plots=False, tensorboard=True)
     with pytest.raises(train.TrainError, match=r"pip install 'fmnist\[tensorboard\]'"):
         train.fit(cfg)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_three_epoch_run_leaves_every_figure(real_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fmnist", "train", "--epochs", "3", "--track-neurons", "50,7",
+                        "--data-dir", str(real_dir), "--out-dir", str(tmp_path), "--name", "r", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "r"
+    for name in FIGURES:
+        not_blank(run / "plots" / name)
+    assert Image.open(run / "plots" / "neuron_50.gif").n_frames == 4
+    text = (run / "report.html").read_text()
+    for s in re.findall(r'src="([^"]+)"', text):
+        assert (run / s).is_file()

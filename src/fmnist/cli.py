@@ -80,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test accuracy {s['test_accuracy']:.4f} (best val {s['best_val_accuracy']:.4f} at epoch "
           f"{s['best_epoch']}), {s['wall_seconds']:.1f}s, {s['train_samples_per_second']} images/s on {s['device']}")
     print(f"run: {run.dir}")
+    if (run.dir / "report.html").is_file():
+        print(f"report: {run.dir / 'report.html'}")
     return 0
 
 
