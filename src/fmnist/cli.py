@@ -142,6 +142,46 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_init(args: argparse.Namespace) -> int:
+    from . import compare
+
+    inits = compare.parse_inits(args.inits)
+    cfg = config_from_args(args)
+    echo = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    results = compare.compare_init(cfg, inits, args.seeds, args.out, echo=echo,
+                                   progress=not args.quiet and sys.stderr.isatty())
+    print(compare.table(results))
+    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'init_comparison.png'}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tune
+
+    cfg = config_from_args(args)
+    result = tune.tune(cfg, args.out, trials=args.trials, timeout=args.timeout, study_name=args.study,
+                       storage=args.storage, epochs=cfg.epochs, seed=cfg.seed, space_file=args.space,
+                       pruner=args.pruner, heartbeat=args.heartbeat, verbose=args.verbose,
+                       progress=sys.stderr.isatty())
+    study = result.study
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running") if s in states)
+    print(f"study '{study.study_name}': {len(states)} trials ({counts})")
+    if result.reaped:
+        print(f"marked failed (their worker had died): trials {', '.join(map(str, result.reaped))}")
+    if result.best_toml is None:
+        print("no trial has completed yet")
+        return 0
+    best = study.best_trial
+    print(f"best: trial {best.number}, validation accuracy {best.value:.4f}")
+    for k, v in best.params.items():
+        print(f"  {k:<16} {v:.4g}" if isinstance(v, float) else f"  {k:<16} {v}")
+    print(f"config: {result.best_toml}  (fmnist train --config {result.best_toml})")
+    for f in result.figures:
+        print(f"figure: {f}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for name in models.names():
         m = models.create(name)
@@ -185,9 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default="auto", choices=config_mod.DEVICES)
     pl.set_defaults(func=cmd_plot)
 
+    c = sub.add_parser("compare-init", help="train every init x seed and compare them on validation")
+    c.add_argument("--inits", default="xavier,normal,kaiming,default",
+                   help=f"comma-separated, from {', '.join(models.INITS)} (default: %(default)s)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per init, counting up from --seed (default: 3)")
+    c.add_argument("--out", default="compare-init", help="output directory (default: %(default)s)")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    add_config_flags(c)
+    c.set_defaults(func=cmd_compare_init)
+
+    u = sub.add_parser("tune", help="search hyperparameters with Optuna (validation accuracy)")
+    u.add_argument("--trials", type=int, default=20, help="trials for this worker to run (default: 20)")
+    u.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    u.add_argument("--study", default="fmnist", help="study name (default: %(default)s)")
+    u.add_argument("--storage", help="an RDB URL (postgresql://..., sqlite:///...) or a journal file path "
+                                     "(default: <out>/study.journal)")
+    u.add_argument("--space", metavar="FILE.toml", help="search-space entries replacing the defaults")
+    u.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
+    u.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between a worker's heartbeats on an RDB storage (default: 10)")
+    u.add_argument("--out", default="tune", help="output directory (default: %(default)s)")
+    u.add_argument("--verbose", action="store_true", help="Optuna's own log messages")
+    add_config_flags(u)
+    u.set_defaults(func=cmd_tune)
+
     m = sub.add_parser("models", help="list the registered models and the shipped presets")
     m.set_defaults(func=cmd_models)
     return p
+
+
+def _optional_errors() -> tuple[type[BaseException], ...]:
+    """TuneError, if the tuning module was imported (Optuna stays an import of tune.py only)."""
+    mod = sys.modules.get("fmnist.tune")
+    return (mod.TuneError,) if mod is not None else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (*USER_ERRORS, train.TrainError) as e:
+    except (*USER_ERRORS, train.TrainError, *_optional_errors()) as e:
         print(f"fmnist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,8 @@ imshow: one axes per picture would make the atlas take seconds.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -28,13 +30,27 @@ DPI = 110
 DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
 
 
-def _save(fig, path: Path) -> Path:
+def _atomic(path: Path, write) -> Path:
+    """write(tmp) then rename over `path`; the temp name is unique, so concurrent writers cannot collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip("."))
-    plt.close(fig)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save atomically (temp file + rename) and close the figure."""
+    try:
+        return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight",
+                                                     format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
 
 
 def tile(pictures: np.ndarray, cols: int, gap: int = 1, fill: float = np.nan) -> np.ndarray:
@@ -80,7 +96,7 @@ def curves(history: list[dict], path: Path, test_accuracy: float | None = None,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- data
@@ -98,7 +114,7 @@ def samples(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int =
     for s in ax.spines.values():
         s.set_visible(False)
     ax.set_title("Fashion-MNIST training images, one row per class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- what the neurons learned
@@ -120,7 +136,7 @@ def neuron_evolution(snapshots: np.ndarray, neuron: int, path: Path, conv: bool 
         f"Neuron {neuron} of the first hidden layer: its {h * w} incoming weights as a {h}x{w} picture"
     fig.suptitle(f"{what}, before training and after each epoch")
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight (same scale in every panel)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def neuron_gif(snapshots: np.ndarray, neuron: int, path: Path, size: int = 280, ms_per_frame: int = 500) -> Path:
@@ -137,11 +153,8 @@ def neuron_gif(snapshots: np.ndarray, neuron: int, path: Path, size: int = 280, 
         canvas.paste(img, (0, 24))
         ImageDraw.Draw(canvas).text((6, 5), f"neuron {neuron}, epoch {e}", fill="black")
         frames.append(canvas)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
-    tmp.replace(path)
-    return path
+    return _atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                    duration=ms_per_frame, loop=0))
 
 
 def atlas(weights: np.ndarray, path: Path, conv: bool = False, epoch: int | None = None) -> Path:
@@ -163,7 +176,7 @@ def atlas(weights: np.ndarray, path: Path, conv: bool = False, epoch: int | None
     else:
         ax.set_title(f"Incoming weights of all {n} neurons of the first hidden layer{when}\n"
                      "(each picture on its own scale: red positive, blue negative; reading order = neuron number)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- test-set results
@@ -186,7 +199,7 @@ def confusion_matrix(cm: np.ndarray, path: Path, title: str = "") -> Path:
                           "(colour: fraction of the true class; numbers: image counts)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the row")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Path, n: int = 24,
@@ -206,7 +219,7 @@ def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Pa
     fig.suptitle(f"The {len(wrong)} most confidently wrong test images (of {len(np.flatnonzero(pred != labels))} "
                  "mistakes)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- all of a run
@@ -236,3 +249,35 @@ def plot_run(run_dir: str | Path, test_images: np.ndarray, test_labels: np.ndarr
     paths.append(confusion_matrix(cm, out / "confusion_matrix.png"))
     paths.append(mistakes(test_images, test_labels, test_probs, out / "mistakes.png"))
     return paths
+
+
+# ---------------------------------------------------------------- experiments
+
+def init_comparison(results: dict, path: Path, zoom_epochs: int = 5) -> Path:
+    """Validation accuracy and loss per epoch for each init: mean line, ± std band over seeds.
+
+    A third panel zooms on the first epochs, where initialisation matters most.
+    """
+    fig, (ax_acc, ax_zoom, ax_loss) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for init, r in results["inits"].items():
+        acc = 100 * np.array([run["val_acc"] for run in r["runs"]])
+        loss = np.array([run["val_loss"] for run in r["runs"]])
+        ep = np.arange(1, acc.shape[1] + 1)
+        for ax, y in ((ax_acc, acc), (ax_zoom, acc), (ax_loss, loss)):
+            m, s = y.mean(0), y.std(0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1])
+            line, = ax.plot(ep, m, "o-", ms=3, label=init)
+            ax.fill_between(ep, m - s, m + s, color=line.get_color(), alpha=0.18)
+    n = len(next(iter(results["inits"].values()))["runs"])
+    ax_acc.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    ax_zoom.set(title=f"The first {zoom_epochs} epochs", xlabel="epoch", ylabel="accuracy (%)")
+    ax_zoom.set_xlim(0.8, zoom_epochs + 0.2)
+    lo = min(100 * min(run["val_acc"][0] for run in r["runs"]) for r in results["inits"].values())
+    hi = max(100 * max(run["val_acc"][:zoom_epochs]) for r in results["inits"].values() for run in r["runs"])
+    ax_zoom.set_ylim(lo - 0.5, hi + 0.5)
+    ax_loss.set(title="Validation loss", xlabel="epoch", ylabel="cross-entropy")
+    for ax in (ax_acc, ax_zoom, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, title="init")
+    fig.suptitle(f"Weight initialisation compared: mean over {n} seed{'s' if n > 1 else ''}, band = ± 1 std")
+    fig.tight_layout()
+    return save_figure(fig, path)

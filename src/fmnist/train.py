@@ -206,8 +206,15 @@ def _write_derived(run_dir: Path, history: list[dict], neurons: dict[int, list[t
 
 
 def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = False,
-        echo: Callable[[str], None] = lambda s: None, command: str = "") -> Run:
-    """Train `cfg` into runs/<name>/ (or continue the run in `resume`); returns the Run."""
+        echo: Callable[[str], None] = lambda s: None, command: str = "",
+        on_epoch: Callable[[dict], None] | None = None, test: bool = True) -> Run:
+    """Train `cfg` into runs/<name>/ (or continue the run in `resume`); returns the Run.
+
+    `on_epoch(row)` is called after each epoch's checkpoint (a tuner reports and
+    prunes there). With test=False the test split is not touched at all: the
+    summary then has no test figures and no figures are drawn (for tuning,
+    where every decision must rest on validation alone).
+    """
     t_start = time.perf_counter()
     state: dict | None = None
     if resume is not None:
@@ -291,6 +298,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
             _write_derived(run_dir, history, neurons)
             if tb is not None:
                 _log_tensorboard(tb, row, neurons)
+            if on_epoch is not None:
+                on_epoch(row)
             echo(f"epoch {epoch:3d}/{epochs}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
                  f"val loss {val_loss:.4f} acc {val_acc:.4f}  {secs:.1f}s")
     except KeyboardInterrupt:
@@ -303,13 +312,16 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     final_first_layer = _first_layer_pictures(model)
     best_state = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best_state["model"])
-    n_test = 2048 if cfg.dry_run else len(splits.test[1])
-    test = (splits.test[0][:n_test], splits.test[1][:n_test])
-    test_loss, test_acc, test_probs = evaluate(model, data.BatchLoader(*test, 1024, device=device),
-                                               return_predictions=True)
+    test_figures: dict[str, Any] = {}
+    if test:
+        n_test = 2048 if cfg.dry_run else len(splits.test[1])
+        test_split = (splits.test[0][:n_test], splits.test[1][:n_test])
+        test_loss, test_acc, test_probs = evaluate(model, data.BatchLoader(*test_split, 1024, device=device),
+                                                   return_predictions=True)
+        test_figures = dict(test_accuracy=test_acc, test_loss=test_loss)
     train_secs = sum(r["seconds"] for r in history)
     summary = dict(
-        test_accuracy=test_acc, test_loss=test_loss, best_val_accuracy=best["val_acc"],
+        **test_figures, best_val_accuracy=best["val_acc"],
         best_epoch=best["epoch"], epochs=len(history),
         wall_seconds=round(time.perf_counter() - t_start, 2),
         train_samples_per_second=round(len(history) * min(len(splits.train[1]), len(train_loader) * cfg.batch_size)
@@ -318,7 +330,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
     )
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if cfg.plots:
+    if cfg.plots and test:
         write_figures(run_dir, splits, test_probs, final_first_layer, is_conv(model))
     return Run(run_dir, summary, history)
 
