@@ -13,8 +13,6 @@ imshow: one axes per picture would make the atlas take seconds.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -23,32 +21,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .data import CLASSES  # noqa: E402
+from .train import atomic_write  # noqa: E402
 
 DPI = 110
 DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
 
 
-def _atomic(path: Path, write) -> Path:
-    """write(tmp) then rename over `path`; the temp name is unique, so concurrent writers cannot collide."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_figure(fig, path: Path) -> Path:
     """Save atomically (temp file + rename) and close the figure."""
     try:
-        return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight",
-                                                     format=path.suffix.lstrip(".")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".")))
+        return path
     finally:
         plt.close(fig)
 
@@ -153,8 +140,10 @@ def neuron_gif(snapshots: np.ndarray, neuron: int, path: Path, size: int = 280, 
         canvas.paste(img, (0, 24))
         ImageDraw.Draw(canvas).text((6, 5), f"neuron {neuron}, epoch {e}", fill="black")
         frames.append(canvas)
-    return _atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                                    duration=ms_per_frame, loop=0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                  duration=ms_per_frame, loop=0))
+    return path
 
 
 def atlas(weights: np.ndarray, path: Path, conv: bool = False, epoch: int | None = None) -> Path:
@@ -278,6 +267,7 @@ def init_comparison(results: dict, path: Path, zoom_epochs: int = 5) -> Path:
     for ax in (ax_acc, ax_zoom, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9, title="init")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"Weight initialisation compared: mean over {n} seed{'s' if n > 1 else ''}, band = ± 1 std")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from . import config as config_mod
+from .train import write_text
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -112,8 +111,5 @@ def write(run_dir: str | Path) -> Path:
         "</body></html>\n",
     ]
     path = run_dir / "report.html"
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
+    write_text(path, "\n".join(parts))
     return path

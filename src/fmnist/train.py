@@ -202,7 +202,12 @@ def _write_derived(run_dir: Path, history: list[dict], neurons: dict[int, list[t
     write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     arrays = {f"neuron_{k}": torch.stack(v).numpy() for k, v in neurons.items()}
     arrays["epochs"] = np.arange(len(next(iter(neurons.values())))) if neurons else np.zeros(0)
-    atomic_write(run_dir / "neurons.npz", lambda p: np.savez(open(p, "wb"), **arrays))
+
+    def save_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
+            np.savez(f, **arrays)
+
+    atomic_write(run_dir / "neurons.npz", save_npz)
 
 
 def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = False,
