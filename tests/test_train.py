@@ -50,6 +50,10 @@ def test_fit_writes_the_run_directory(tiny_dir, tmp_path):
     npz = np.load(d / "neurons.npz")
     assert npz["neuron_50"].shape == (4, 28, 28) and npz["neuron_7"].shape == (4, 28, 28)
     assert not np.array_equal(npz["neuron_50"][0], npz["neuron_50"][-1])
+    mode = (d / "summary.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # atomic writes keep ordinary permissions, not mkstemp's 0600
     final_first = weights(d)["net.1.weight"]
     assert torch.equal(torch.from_numpy(npz["neuron_50"][-1]).flatten(), final_first[49])
 

@@ -56,6 +56,11 @@ LOCAL_DIR = Path("data/fashion-mnist")  # relative to the working directory
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file; temp files start as 0600
+
+
 class DataError(Exception):
     """A data problem the user can fix: missing, damaged or unexpected files."""
 
@@ -226,6 +231,7 @@ def download(dest: str | Path | None = None, base_url: str = OFFICIAL_URL, retri
                 _fetch(base_url + stem + ".gz", tmp, progress, timeout)
                 got = hashlib.sha256(_read_bytes(tmp)).hexdigest()
                 if got == digest:
+                    os.chmod(tmp, FILE_MODE)
                     os.replace(tmp, final)
                     break
                 problem = "checksum mismatch (the file is damaged or not the real data)"

@@ -176,7 +176,9 @@ def _pid_alive(pid: int) -> bool:
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Fail RUNNING trials whose worker ran on this host and is gone; returns their numbers."""
-    optuna.storages.fail_stale_trials(study)  # the heartbeat, where the storage has one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # the heartbeat, where the storage has one
     host, failed = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not _pid_alive(t.user_attrs["pid"]):
@@ -268,7 +270,7 @@ def write_best(study: optuna.Study, out: Path) -> tuple[TrainConfig | None, Path
         return None, None
     t = study.best_trial
     cfg = config_mod.from_dict(config_mod.tomllib.loads(t.user_attrs["config"]), where=f"trial {t.number}")
-    cfg = replace(cfg, name="", out_dir="runs")
+    cfg = replace(cfg, name="", out_dir="runs", plots=True)  # trials draw nothing; a retrained run should
     path = out / "best.toml"
     header = (f"# Best trial {t.number} of study '{study.study_name}': validation accuracy {t.value:.4f}\n"
               f"# after {cfg.epochs} epochs. Reproduce it with: fmnist train --config {path}\n")
