@@ -75,9 +75,8 @@ class TrainConfig:
     tensorboard: bool = _f(False, "also log to runs/<name>/tb/ for TensorBoard (pip install 'fmnist[tensorboard]')")
 
     def model_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(activation=self.activation, dropout=self.dropout,
-                                  batch_norm=self.batch_norm, hidden=tuple(self.hidden))
-        return kw
+        return dict(activation=self.activation, dropout=self.dropout, batch_norm=self.batch_norm,
+                    hidden=tuple(self.hidden))
 
     def validate(self) -> TrainConfig:
         from . import models

@@ -165,7 +165,8 @@ def neuron_weights(model: nn.Module, neurons: list[int]) -> torch.Tensor:
     count = w.shape[0]
     bad = [n for n in neurons if not 1 <= n <= count]
     if bad:
-        raise ModelError(f"cannot track neuron {bad[0]}: the first layer has neurons 1..{count}.")
+        raise ModelError(f"cannot track neuron {bad[0]}: the first layer has neurons 1..{count}; "
+                         f"choose --track-neurons from that range.")
     idx = torch.tensor([n - 1 for n in neurons], dtype=torch.long)
     if isinstance(layer, nn.Linear):
         side = int(round(w.shape[1] ** 0.5))

@@ -325,13 +325,13 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         test_loss, test_acc, test_probs = evaluate(model, data.BatchLoader(*test_split, 1024, device=device),
                                                    return_predictions=True)
         test_figures = dict(test_accuracy=test_acc, test_loss=test_loss)
-    train_secs = sum(r["seconds"] for r in history)
+    images_per_epoch = min(len(splits.train[1]), len(train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
         **test_figures, best_val_accuracy=best["val_acc"],
         best_epoch=best["epoch"], epochs=len(history),
         wall_seconds=round(time.perf_counter() - t_start, 2),
-        train_samples_per_second=round(len(history) * min(len(splits.train[1]), len(train_loader) * cfg.batch_size)
-                                       / max(train_secs, 1e-9)),
+        train_samples_per_second=round(len(history) * images_per_epoch
+                                       / max(sum(r["seconds"] for r in history), 1e-9)),
         parameters=models.count_parameters(model), device=str(device), torch_version=torch.__version__,
         seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
     )
