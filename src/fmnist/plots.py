@@ -112,7 +112,8 @@ def neuron_evolution(snapshots: np.ndarray, neuron: int, path: Path, conv: bool 
     cols = min(cols, n)
     rows = -(-n // cols)
     vmax = float(np.abs(snapshots).max()) or 1.0
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 1.2, 2.05 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(1.9 * cols + 1.2, 7.5), 2.05 * rows + 0.9), squeeze=False,
+                             layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i < n:
@@ -121,8 +122,8 @@ def neuron_evolution(snapshots: np.ndarray, neuron: int, path: Path, conv: bool 
     h, w = snapshots[0].shape
     what = f"Filter {neuron} of the first convolution ({h}x{w} kernel, averaged over input channels)" if conv else \
         f"Neuron {neuron} of the first hidden layer: its {h * w} incoming weights as a {h}x{w} picture"
-    fig.suptitle(f"{what}, before training and after each epoch")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="weight (same scale in every panel)")
+    fig.suptitle(f"{what},\nbefore training and after each epoch (one colour scale for all panels)")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     return save_figure(fig, path)
 
 
