@@ -24,7 +24,6 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import config as config_mod
-from . import train
+from . import data, train
 from .config import ConfigError, TrainConfig
 
 # name -> a list (categorical choices) or {"low", "high", "log"?} (a float, or an int when both bounds are ints)
@@ -202,7 +201,7 @@ class TuneResult:
 def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: float | None = None,
          study_name: str = "fmnist", storage: str | None = None, epochs: int = 8, seed: int = 0,
          space_file: str | None = None, pruner: str = "median", heartbeat: int = 10, verbose: bool = False,
-         progress: bool = False, on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> TuneResult:
+         progress: bool = False) -> TuneResult:
     """Run (or continue) a study; write best.toml and the study's figures into `out`."""
     from tqdm import tqdm
 
@@ -212,8 +211,9 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
     if not verbose:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     space = load_space(space_file)
-    base = replace(base, epochs=epochs, plots=False, tensorboard=False, dry_run=base.dry_run).validate()
+    base = replace(base, epochs=epochs, plots=False, tensorboard=False).validate()
     check_space(base, space)
+    data.locate(base.data_dir or None)  # no data: say so before a study is created
     study = optuna.create_study(
         storage=open_storage(storage, out, heartbeat), study_name=study_name, direction="maximize",
         load_if_exists=True, pruner=make_pruner(pruner))
@@ -236,7 +236,7 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
                 raise optuna.TrialPruned()
 
         run_dir = Path(cfg.out_dir) / cfg.name
-        if run_dir.exists():  # left by a worker that died holding this trial number: start clean
+        if run_dir.exists():  # left by a study of the same name in another storage: start clean
             shutil.rmtree(run_dir)
         return train.fit(cfg, on_epoch=report, test=False).summary["best_val_accuracy"]
 
@@ -247,8 +247,6 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
         reaped.extend(fail_dead_trials(study))
         best = _best_value(study)
         bar.set_postfix_str(f"best val {best:.4f}" if best is not None else "")
-        if on_trial is not None:
-            on_trial(t)
 
     try:
         study.optimize(objective, n_trials=trials, timeout=timeout, catch=(train.TrainError,),
