@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,19 @@ def _no_env_data(monkeypatch):
     """Tests choose their data explicitly; a user's FMNIST_DATA must not leak in."""
     monkeypatch.delenv("FMNIST_DATA", raising=False)
     monkeypatch.delenv("FMNIST_MIRROR", raising=False)
+
+
+def run_fmnist(*argv: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m fmnist ARGV` in a real process, output captured."""
+    return subprocess.run([sys.executable, "-m", "fmnist", *argv], capture_output=True, text=True, timeout=300, **kw)
+
+
+def assert_one_sentence(r: subprocess.CompletedProcess, *words: str) -> None:
+    """A user error: exit code 2, one line on stderr naming `words`, no traceback."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("fmnist: error: ")
+    for w in words:
+        assert w in lines[0], lines[0]

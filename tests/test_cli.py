@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import idx_bytes, synthetic
+from conftest import assert_one_sentence, idx_bytes, run_fmnist, synthetic
 
 from fmnist import cli
 
@@ -16,22 +14,8 @@ TINY = ["--hidden", "64,16", "--epochs", "2", "--batch-size", "64", "--val-size"
         "--no-plots", "--quiet"]
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fmnist", *argv], capture_output=True, text=True, timeout=120)
-
-
-def assert_one_sentence(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("fmnist: error: ")
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def test_nonexistent_data_dir(tmp_path):
-    r = run_cli("train", "--data-dir", "/nonexistent", "--out-dir", str(tmp_path))
+    r = run_fmnist("train", "--data-dir", "/nonexistent", "--out-dir", str(tmp_path))
     assert_one_sentence(r, "/nonexistent", "fmnist data --download", "dataset-fashion-mnist")
 
 
@@ -39,7 +23,7 @@ def test_truncated_idx_file(tiny_dir, tmp_path):
     p = tiny_dir / "train-images-idx3-ubyte.gz"
     p.unlink()
     p.with_suffix("").write_bytes(idx_bytes(synthetic(600, 1)[0])[:-1000])
-    r = run_cli("train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path))
+    r = run_fmnist("train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path))
     assert_one_sentence(r, "train-images-idx3-ubyte", "truncated")
 
 
@@ -47,40 +31,40 @@ def test_wrong_magic_idx_file(tiny_dir, tmp_path):
     p = tiny_dir / "t10k-labels-idx1-ubyte.gz"
     p.unlink()
     p.with_suffix("").write_bytes(b"GIF89a" + bytes(300))
-    r = run_cli("train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path))
+    r = run_fmnist("train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path))
     assert_one_sentence(r, "t10k-labels-idx1-ubyte", "magic")
 
 
 def test_unknown_model(tmp_path):
-    assert_one_sentence(run_cli("train", "--model", "vit", "--out-dir", str(tmp_path)), "vit", "mlp")
+    assert_one_sentence(run_fmnist("train", "--model", "vit", "--out-dir", str(tmp_path)), "vit", "mlp")
 
 
 def test_unknown_preset(tmp_path):
-    assert_one_sentence(run_cli("train", "--preset", "turbo", "--out-dir", str(tmp_path)), "turbo", "quick")
+    assert_one_sentence(run_fmnist("train", "--preset", "turbo", "--out-dir", str(tmp_path)), "turbo", "quick")
 
 
 def test_malformed_toml(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("epochs = [1,\n")
-    assert_one_sentence(run_cli("train", "--config", str(p), "--out-dir", str(tmp_path)), "bad.toml", "TOML")
+    assert_one_sentence(run_fmnist("train", "--config", str(p), "--out-dir", str(tmp_path)), "bad.toml", "TOML")
 
 
 def test_unknown_toml_key(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("epoch = 3\n")
-    assert_one_sentence(run_cli("train", "--config", str(p)), "epoch")
+    assert_one_sentence(run_fmnist("train", "--config", str(p)), "epoch")
 
 
 def test_evaluate_not_a_run(tmp_path):
-    assert_one_sentence(run_cli("evaluate", str(tmp_path)), "not a run directory")
+    assert_one_sentence(run_fmnist("evaluate", str(tmp_path)), "not a run directory")
 
 
 def test_resume_nothing(tmp_path):
-    assert_one_sentence(run_cli("train", "--resume", str(tmp_path)), "last.pt")
+    assert_one_sentence(run_fmnist("train", "--resume", str(tmp_path)), "last.pt")
 
 
 def test_bad_flag_value_exits_2(tmp_path):
-    r = run_cli("train", "--hidden", "256,abc")
+    r = run_fmnist("train", "--hidden", "256,abc")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "256,abc" in r.stderr
 
 
@@ -142,7 +126,7 @@ def test_data_command_real(real_dir, capsys):
 
 @pytest.mark.realdata
 def test_dry_run_real(real_dir, tmp_path):
-    r = run_cli("train", "--dry-run", "--data-dir", str(real_dir), "--out-dir", str(tmp_path), "--name", "d",
+    r = run_fmnist("train", "--dry-run", "--data-dir", str(real_dir), "--out-dir", str(tmp_path), "--name", "d",
                 "--quiet", "--no-plots")
     assert r.returncode == 0, r.stderr
     assert (Path(tmp_path) / "d" / "summary.json").is_file()

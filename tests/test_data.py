@@ -259,3 +259,11 @@ def test_real_fast_loader_equals_dataset(real_dir):
     for k in (0, 1, 999):
         img, label = ds[int(order[k])]
         assert torch.equal(xb[k], img) and int(yb[k]) == label
+
+
+def test_dataset_from_dir(tiny_dir):
+    ds = FashionMNIST.from_dir(tiny_dir, "test")
+    x, y = data.load_split(tiny_dir, "test")
+    assert len(ds) == 200
+    img, label = ds[3]
+    assert label == int(y[3]) and torch.equal(img[0], data.normalize(torch.from_numpy(x[3])))

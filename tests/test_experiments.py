@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from conftest import assert_one_sentence, run_fmnist
 from PIL import Image
 
 from fmnist import config, tune
@@ -26,21 +27,9 @@ from fmnist.config import ConfigError, TrainConfig
 SMALL = ["--hidden", "64", "--batch-size", "64", "--val-size", "100", "--device", "cpu"]
 
 
-def fmnist(*argv: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fmnist", *argv], capture_output=True, text=True, timeout=300, **kw)
-
-
 def start_worker(*argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fmnist", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def one_sentence_exit_2(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fmnist: error: "), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def states(storage, name: str = "s") -> list[str]:
@@ -81,8 +70,8 @@ def test_compare_init_writes_results_and_reuses_runs(tiny_dir, tmp_path):
 
 
 def test_compare_init_unknown_init_exit_2(tmp_path):
-    r = fmnist("compare-init", "--inits", "xavier,glorot", "--out", str(tmp_path))
-    one_sentence_exit_2(r, "glorot", "xavier")
+    r = run_fmnist("compare-init", "--inits", "xavier,glorot", "--out", str(tmp_path))
+    assert_one_sentence(r, "glorot", "xavier")
 
 
 # ---------------------------------------------------------------- tune
@@ -92,9 +81,9 @@ def test_tune_continues_a_study_and_best_config_reproduces(tiny_dir, tmp_path):
     db = f"sqlite:///{tmp_path / 't.db'}"
     args = ["tune", "--epochs", "2", "--study", "s", "--storage", db, "--out", str(tmp_path / "out"),
             "--data-dir", str(tiny_dir), *SMALL]
-    r = fmnist(*args, "--trials", "3")
+    r = run_fmnist(*args, "--trials", "3")
     assert r.returncode == 0, r.stderr
-    r = fmnist(*args, "--trials", "2")
+    r = run_fmnist(*args, "--trials", "2")
     assert r.returncode == 0, r.stderr
     assert "5 trials" in r.stdout
     study = optuna.load_study(study_name="s", storage=db)
@@ -144,21 +133,21 @@ def test_space_file_overrides_and_fixes(tiny_dir, tmp_path):
 def test_space_file_unknown_key_exit_2(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text("learning_rate = [0.1]\n")
-    one_sentence_exit_2(fmnist("tune", "--space", str(space), "--out", str(tmp_path)), "learning_rate", "lr")
+    assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out", str(tmp_path)), "learning_rate", "lr")
 
 
 def test_space_file_bad_choice_exit_2(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('optimizer = ["adamw", "lion"]\n')
-    one_sentence_exit_2(fmnist("tune", "--space", str(space), "--out", str(tmp_path)), "lion")
+    assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out", str(tmp_path)), "lion")
 
 
 def test_unreachable_storage_exit_2(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = fmnist("tune", "--storage", f"postgresql://nobody@127.0.0.1:{port}/nothing", "--out", str(tmp_path))
-    one_sentence_exit_2(r, "cannot open the study storage", str(port))
+    r = run_fmnist("tune", "--storage", f"postgresql://nobody@127.0.0.1:{port}/nothing", "--out", str(tmp_path))
+    assert_one_sentence(r, "cannot open the study storage", str(port))
 
 
 def test_two_workers_in_parallel_share_a_journal(tiny_dir, tmp_path):
@@ -194,7 +183,7 @@ def kill_mid_trial(storage, args: list[str], tmp_path: Path) -> None:
         w.send_signal(signal.SIGKILL)
         w.wait()
     assert states(storage) == ["RUNNING"]  # what a killed worker leaves behind
-    r = fmnist(*args, "--trials", "1", "--epochs", "1")
+    r = run_fmnist(*args, "--trials", "1", "--epochs", "1")
     assert r.returncode == 0, r.stderr
     assert "marked failed" in r.stdout
     assert states(storage) == ["FAIL", "COMPLETE"]

@@ -99,7 +99,8 @@ def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
             f"{name}: file is {what}: header declares {dims} ({expected} bytes of data), "
             f"found {body} bytes."
         )
-    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims)
+    # A writable copy in native byte order: torch cannot wrap read-only or big-endian arrays.
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -288,7 +289,7 @@ def load(data_dir: str | Path | None = None, val_size: int = 5000, split_seed: i
     return Splits(
         train=(t(xtr[tr]), t(ytr[tr])),
         val=(t(xtr[va]), t(ytr[va])),
-        test=(t(xte.copy()), t(yte)),
+        test=(t(xte), t(yte)),
         directory=directory,
     )
 
