@@ -64,10 +64,8 @@ def test_unknown_preset():
 
 
 @pytest.mark.parametrize("field,value,msg", [
-    ("model", "resnet999", "unknown model"),
     ("optimizer", "lion", "unknown optimizer"),
     ("schedule", "step", "unknown schedule"),
-    ("init", "zeros", "unknown init"),
     ("epochs", 0, "epochs must be"),
     ("dropout", 1.0, "dropout must be"),
 ])

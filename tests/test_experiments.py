@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_compare_init_writes_results_and_reuses_runs(tiny_dir, tmp_path):
 
 
 def test_compare_init_unknown_init_exit_2(tmp_path):
-    r = run_fmnist("compare-init", "--inits", "xavier,glorot", "--out", str(tmp_path))
+    r = run_fmnist("compare-init", "--inits", "xavier,glorot", "--out-dir", str(tmp_path))
     assert_one_sentence(r, "glorot", "xavier")
 
 
@@ -79,7 +80,7 @@ def test_compare_init_unknown_init_exit_2(tmp_path):
 
 def test_tune_continues_a_study_and_best_config_reproduces(tiny_dir, tmp_path):
     db = f"sqlite:///{tmp_path / 't.db'}"
-    args = ["tune", "--epochs", "2", "--study", "s", "--storage", db, "--out", str(tmp_path / "out"),
+    args = ["tune", "--epochs", "2", "--study", "s", "--storage", db, "--out-dir", str(tmp_path / "out"),
             "--data-dir", str(tiny_dir), *SMALL]
     r = run_fmnist(*args, "--trials", "3")
     assert r.returncode == 0, r.stderr
@@ -103,7 +104,7 @@ def test_tune_continues_a_study_and_best_config_reproduces(tiny_dir, tmp_path):
 
 def test_tune_never_touches_the_test_split(tiny_dir, tmp_path):
     base = TrainConfig(data_dir=str(tiny_dir), hidden=[64], batch_size=64, val_size=100, device="cpu")
-    result = tune.tune(base, tmp_path, trials=2, epochs=1, study_name="t")
+    result = tune.tune(replace(base, epochs=1), tmp_path, trials=2, study_name="t")
     for run in (tmp_path / "trials").iterdir():
         summary = json.loads((run / "summary.json").read_text())
         assert "test_accuracy" not in summary
@@ -112,7 +113,7 @@ def test_tune_never_touches_the_test_split(tiny_dir, tmp_path):
 
 def test_pruner_reports_every_epoch(tiny_dir, tmp_path):
     base = TrainConfig(data_dir=str(tiny_dir), hidden=[64], batch_size=64, val_size=100, device="cpu")
-    result = tune.tune(base, tmp_path, trials=2, epochs=3, study_name="p")
+    result = tune.tune(replace(base, epochs=3), tmp_path, trials=2, study_name="p")
     for t in result.study.trials:
         assert sorted(t.intermediate_values) == [1, 2, 3]
         assert t.value == max(t.intermediate_values.values())
@@ -122,7 +123,7 @@ def test_space_file_overrides_and_fixes(tiny_dir, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('optimizer = ["sgd"]\nlr = {low = 0.01, high = 0.02}\ndepth = 2\nwidth = [64]\ndropout = 0.0\n')
     base = TrainConfig(data_dir=str(tiny_dir), batch_size=64, val_size=100, device="cpu")
-    result = tune.tune(base, tmp_path, trials=2, epochs=1, study_name="sp", space_file=str(space))
+    result = tune.tune(replace(base, epochs=1), tmp_path, trials=2, study_name="sp", space_file=str(space))
     for t in result.study.trials:
         assert t.params["optimizer"] == "sgd" and 0.01 <= t.params["lr"] <= 0.02
         assert "dropout" not in t.params  # fixed, not searched
@@ -133,27 +134,27 @@ def test_space_file_overrides_and_fixes(tiny_dir, tmp_path):
 def test_space_file_unknown_key_exit_2(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text("learning_rate = [0.1]\n")
-    assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out", str(tmp_path)), "learning_rate", "lr")
+    assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out-dir", str(tmp_path)), "learning_rate", "lr")
 
 
 def test_space_file_bad_choice_exit_2(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('optimizer = ["adamw", "lion"]\n')
-    assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out", str(tmp_path)), "lion")
+    assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out-dir", str(tmp_path)), "lion")
 
 
 def test_unreachable_storage_exit_2(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = run_fmnist("tune", "--storage", f"postgresql://nobody@127.0.0.1:{port}/nothing", "--out", str(tmp_path))
+    r = run_fmnist("tune", "--storage", f"postgresql://nobody@127.0.0.1:{port}/nothing", "--out-dir", str(tmp_path))
     assert_one_sentence(r, "cannot open the study storage", str(port))
 
 
 def test_two_workers_in_parallel_share_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
     args = ["tune", "--trials", "2", "--epochs", "1", "--study", "s", "--storage", str(path),
-            "--out", str(tmp_path), "--data-dir", str(tiny_dir), *SMALL]
+            "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir), *SMALL]
     workers = [start_worker(*args) for _ in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=300)
@@ -165,33 +166,43 @@ def test_two_workers_in_parallel_share_a_journal(tiny_dir, tmp_path):
 
 
 def kill_mid_trial(storage, args: list[str], tmp_path: Path) -> None:
-    """Start a worker, SIGKILL it while a trial is RUNNING, then run a second worker on the same study."""
-    w = start_worker(*args, "--trials", "1", "--epochs", "400")
+    """SIGKILL a worker after its trial saved two epochs; a second worker continues that trial's run."""
+    w = start_worker(*args, "--trials", "1", "--epochs", "60", "--batch-size", "16")
     deadline = time.time() + 120
+    hist = None
     try:
         while time.time() < deadline:
-            try:
-                if "RUNNING" in states(storage) and list((tmp_path / "trials").glob("*/history.jsonl")):
-                    break
-            except KeyError:  # the study does not exist yet
-                pass
+            found = list((tmp_path / "trials").glob("*/history.jsonl"))
+            if found and len(found[0].read_text().splitlines()) >= 2:
+                hist = found[0]
+                break
             assert w.poll() is None, w.communicate()[1]
-            time.sleep(0.1)
+            time.sleep(0.01)
         else:
-            pytest.fail("the first worker never started a trial")
+            pytest.fail("the first worker never saved an epoch")
     finally:
         w.send_signal(signal.SIGKILL)
         w.wait()
     assert states(storage) == ["RUNNING"]  # what a killed worker leaves behind
+    before = [json.loads(line) for line in hist.read_text().splitlines()]
+    assert len(before) < 60
     r = run_fmnist(*args, "--trials", "1", "--epochs", "1")
     assert r.returncode == 0, r.stderr
     assert "marked failed" in r.stdout
     assert states(storage) == ["FAIL", "COMPLETE"]
+    study = optuna.load_study(study_name="s", storage=storage)
+    retry = study.trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == study.trials[0].params
+    after = [json.loads(line) for line in hist.read_text().splitlines()]
+    assert len(after) == 60  # the retried trial continued the run to its 60 epochs, not a fresh 1-epoch run
+    assert [r["val_acc"] for r in after[:len(before)]] == [r["val_acc"] for r in before]
+    assert sorted(retry.intermediate_values) == list(range(1, 61))  # earlier epochs replayed to the pruner
+    assert retry.value == max(r["val_acc"] for r in after)
 
 
 def test_killed_worker_on_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
-    args = ["tune", "--study", "s", "--storage", str(path), "--out", str(tmp_path), "--data-dir", str(tiny_dir),
+    args = ["tune", "--study", "s", "--storage", str(path), "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir),
             *SMALL]
     kill_mid_trial(journal(path), args, tmp_path)
 
@@ -208,7 +219,9 @@ def test_heartbeat_fails_a_silent_worker(tiny_dir, tmp_path):
     storage.record_heartbeat(trial._trial_id)
     time.sleep(5)  # longer than the grace period (3 heartbeats; the database clock counts whole seconds)
     assert tune.fail_dead_trials(study) == []  # not ours to judge by pid...
-    assert states(storage) == ["FAIL"]  # ...but its heartbeat stopped
+    assert states(storage) == ["FAIL", "WAITING"]  # ...but its heartbeat stopped, and it is queued again
+    retry = optuna.load_study(study_name="s", storage=storage).trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["retries"] == 1
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -248,7 +261,7 @@ def postgres_url():
 
 def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path):
     args = ["tune", "--trials", "2", "--epochs", "1", "--study", "par", "--storage", postgres_url,
-            "--out", str(tmp_path), "--data-dir", str(tiny_dir), *SMALL]
+            "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir), *SMALL]
     workers = [start_worker(*args) for _ in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=300)
@@ -260,6 +273,6 @@ def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path)
 
 
 def test_killed_worker_on_postgresql(postgres_url, tiny_dir, tmp_path):
-    args = ["tune", "--study", "s", "--storage", postgres_url, "--out", str(tmp_path), "--data-dir", str(tiny_dir),
+    args = ["tune", "--study", "s", "--storage", postgres_url, "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir),
             *SMALL]
     kill_mid_trial(postgres_url, args, tmp_path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import train
+from fmnist import distributed, evaluate, runs, train
 from fmnist.config import TrainConfig
 
 
@@ -75,7 +75,7 @@ def test_same_seed_same_weights_other_seed_differs(tiny_dir, tmp_path):
 
 def test_refuses_to_overwrite_a_run(tiny_dir, tmp_path):
     train.fit(tiny_config(tiny_dir, tmp_path, epochs=1))
-    with pytest.raises(train.TrainError, match="--resume"):
+    with pytest.raises(runs.RunError, match="--resume"):
         train.fit(tiny_config(tiny_dir, tmp_path, epochs=1))
 
 
@@ -85,7 +85,7 @@ def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tm
     kw = dict(epochs=4, schedule=schedule, optimizer=optimizer, dropout=0.1, erase=0.2)
     whole = train.fit(tiny_config(tiny_dir, tmp_path / "whole", **kw))
 
-    real = train._write_derived
+    real = runs.write_history
     calls = {"n": 0}
 
     def dies_on_third(*a):
@@ -94,10 +94,10 @@ def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tm
             raise KeyboardInterrupt
         real(*a)
 
-    monkeypatch.setattr(train, "_write_derived", dies_on_third)
+    monkeypatch.setattr(runs, "write_history", dies_on_third)
     with pytest.raises(train.Interrupted):
         train.fit(tiny_config(tiny_dir, tmp_path / "cut", **kw))
-    monkeypatch.setattr(train, "_write_derived", real)
+    monkeypatch.setattr(runs, "write_history", real)
     cut = tmp_path / "cut" / "run"
     assert len((cut / "history.jsonl").read_text().splitlines()) == 1  # the row of epoch 2 was lost
     resumed = train.fit(TrainConfig(), resume=cut)
@@ -169,17 +169,17 @@ def test_dry_run_is_short_and_complete(tiny_dir, tmp_path):
 def test_missing_device_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(train.TrainError, match="not available"):
-        train.pick_device("cuda")
+    with pytest.raises(distributed.DeviceError, match="not available"):
+        distributed.pick_device("cuda")
 
 
 def test_evaluate_checkpoint(tiny_dir, tmp_path):
     run = train.fit(tiny_config(tiny_dir, tmp_path))
-    r = train.evaluate_checkpoint(run.dir, "test", data_dir=str(tiny_dir), device="cpu")
+    r = evaluate.evaluate_run(run.dir, "test", data_dir=str(tiny_dir), device="cpu")
     assert r["accuracy"] == pytest.approx(run.summary["test_accuracy"])
     cm = np.array(r["confusion_matrix"])
     assert cm.sum() == 200 and np.trace(cm) / 200 == pytest.approx(r["accuracy"])
-    r_val = train.evaluate_checkpoint(run.dir / "best.pt", "val", data_dir=str(tiny_dir), device="cpu")
+    r_val = evaluate.evaluate_run(run.dir / "best.pt", "val", data_dir=str(tiny_dir), device="cpu")
     assert r_val["accuracy"] == pytest.approx(run.summary["best_val_accuracy"])
 
 

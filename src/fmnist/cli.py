@@ -1,7 +1,13 @@
 """`fmnist <command>`: parse arguments, call the library, print the results.
 
-Every error a user can cause ends here as one sentence on stderr and exit
-code 2; Ctrl-C during training says how to resume and exits with 130.
+One grammar across commands: `--out-dir` is where a command writes, `--quiet`
+silences progress, `--json` prints results as JSON, `--data-dir` says where the
+data is. Every error a user can cause ends here as one sentence on stderr,
+`fmnist: error: ...`, and exit code 2 (argparse's own errors included); Ctrl-C
+says how to continue, if anything can be, and exits with 130.
+
+Only the standard library and config.py are imported at start-up: torch and the
+rest load inside main(), where an interrupt is caught too.
 """
 
 from __future__ import annotations
@@ -12,12 +18,24 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from . import __version__
 from . import config as config_mod
-from . import data, models
 from .config import ConfigError, TrainConfig
 
-USER_ERRORS: tuple[type[BaseException], ...] = (data.DataError, ConfigError, models.ModelError)
+INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.INITS, without importing torch
+OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # data.OFFICIAL_URL, likewise
+FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+class UsageError(Exception):
+    """A command line argparse cannot parse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors, in fmnist's one-sentence form
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -27,7 +45,7 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser, helps: dict[str, str] | None = None) -> None:
     """One flag per TrainConfig field (`batch_size` -> `--batch-size`), plus --config/--preset."""
     g = p.add_argument_group("configuration (defaults < --preset < --config < flags)")
     g.add_argument("--preset", help=f"a shipped configuration: {', '.join(config_mod.presets())}")
@@ -36,24 +54,50 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_ = f"{f.metadata['help']} (default: {shown})"
-        if isinstance(default, bool):
+        kind = f.metadata["kind"]
+        help_ = (helps or {}).get(f.name)
+        if help_ is None:
+            help_ = f.metadata["help"]
+            if default is not None and default != "":
+                help_ += f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+        if kind == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-        elif isinstance(default, list):
+        elif kind == "ints":
             g.add_argument(flag, type=_int_list, default=argparse.SUPPRESS, metavar="N,N", help=help_)
         else:
-            g.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+            typ = {"int": int, "float": float, "str": str}[kind]
+            g.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields set by flags on this command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = None) -> TrainConfig:
+    """Defaults < --preset < --config < flags; a flag in `refuse` (field -> why) is an error, not ignored."""
+    flags = given_fields(args)
+    for name, why in (refuse or {}).items():
+        if name in flags:
+            raise ConfigError(f"{args.command} does not take --{name.replace('_', '-')}: {why}.")
     cfg = TrainConfig()
     if args.preset:
         cfg = config_mod.preset(args.preset, cfg)
     if args.config:
         cfg = config_mod.load(args.config, cfg)
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     return config_mod.from_dict(flags, cfg, where="flags").validate()
+
+
+def _echo(args: argparse.Namespace):
+    return (lambda s: None) if args.quiet or args.json else (lambda s: print(s, flush=True))
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
 
 
 # ---------------------------------------------------------------- commands
@@ -62,35 +106,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import train
 
     if args.resume:
-        given = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+        given = [k for k in given_fields(args) if k != "data_dir"]
         if given or args.config or args.preset:
-            raise ConfigError("--resume continues a run with its saved configuration; drop the other flags.")
+            flag = f"--{given[0].replace('_', '-')}" if given else "--config" if args.config else "--preset"
+            raise ConfigError(f"--resume continues a run with its saved configuration, so {flag} cannot be "
+                              "changed; only --data-dir may say where the data is now.")
         cfg = TrainConfig()
     else:
         cfg = config_from_args(args)
-    echo = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    progress = not args.quiet and sys.stderr.isatty()
-    try:
-        run = train.fit(cfg, resume=args.resume, progress=progress, echo=echo,
-                        command=" ".join(["fmnist"] + sys.argv[1:]))
-    except train.Interrupted as e:
-        print(f"fmnist: interrupted; continue with: fmnist train --resume {e.run_dir}", file=sys.stderr)
-        return 130
+    args.hint = ("train", args.resume)
+    run = train.fit(cfg, resume=args.resume, progress=_progress(args), echo=_echo(args),
+                    command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
     s = run.summary
+    report = run.dir / "report.html"
+    if args.json:
+        _print_json({"run": str(run.dir), **({"report": str(report)} if report.is_file() else {}), **s})
+        return 0
     print(f"test accuracy {s['test_accuracy']:.4f} (best val {s['best_val_accuracy']:.4f} at epoch "
           f"{s['best_epoch']}), {s['wall_seconds']:.1f}s, {s['train_samples_per_second']} images/s on {s['device']}")
     print(f"run: {run.dir}")
-    if (run.dir / "report.html").is_file():
-        print(f"report: {run.dir / 'report.html'}")
+    if report.is_file():
+        print(f"report: {report}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import train
+    from . import data, evaluate
 
-    r = train.evaluate_checkpoint(args.run, args.split, args.data_dir, args.device)
+    r = evaluate.evaluate_run(args.run, args.split, args.data_dir, args.device)
     if args.json:
-        print(json.dumps(r, indent=2))
+        _print_json(r)
         return 0
     print(f"{r['checkpoint']}  split {r['split']} ({r['images']} images)")
     print(f"accuracy {r['accuracy']:.4f}   loss {r['loss']:.4f}")
@@ -108,35 +153,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from . import data
+
+    if args.samples and Path(args.samples).suffix.lower() not in FIGURE_FORMATS:
+        raise ConfigError(f"--samples {args.samples}: the file name must end in one of {', '.join(FIGURE_FORMATS)}.")
+    downloaded = None
     if args.download:
-        dest = data.download(args.data_dir, base_url=args.mirror, progress=sys.stderr.isatty())
-        print(f"downloaded and verified: {dest}")
+        downloaded = data.download(args.data_dir, base_url=args.mirror, progress=_progress(args))
     directory = data.locate(args.data_dir)
     checks = data.verify(directory)
-    print(f"data:      {directory.resolve()}")
-    bad = [k for k, ok in checks.items() if not ok]
-    print("verified:  " + ("yes (SHA-256 of all four files)" if not bad
-                           else f"NO: {', '.join(bad)} differ from the real files"))
     splits = {s: data.load_split(directory, s) for s in ("train", "test")}
-    print(f"\n{'class':<14}{'train':>8}{'test':>8}")
     counts = {s: np.bincount(y, minlength=10) for s, (_, y) in splits.items()}
-    for i, name in enumerate(data.CLASSES):
-        print(f"{i} {name:<12}{counts['train'][i]:>8}{counts['test'][i]:>8}")
-    print(f"{'total':<14}{counts['train'].sum():>8}{counts['test'].sum():>8}")
     x = splits["train"][0].astype(np.float64) / 255.0
-    print(f"\ntrain pixels in [0, 1]: mean {x.mean():.4f}  std {x.std():.4f}")
+    bad = [k for k, ok in checks.items() if not ok]
+    samples = None
     if args.samples:
         from . import plots
 
-        plots.samples(*splits["train"], Path(args.samples))
-        print(f"samples:   {args.samples}")
+        samples = plots.samples(*splits["train"], Path(args.samples))
+    if args.json:
+        _print_json({"directory": str(directory.resolve()), "downloaded": downloaded is not None,
+                     "verified": checks, "counts": {s: c.tolist() for s, c in counts.items()},
+                     "classes": list(data.CLASSES), "train_pixel_mean": x.mean(), "train_pixel_std": x.std(),
+                     "samples": str(samples) if samples else None})
+        return 0 if not bad else 1
+    if downloaded is not None:
+        print(f"downloaded and verified: {downloaded}")
+    print(f"data:      {directory.resolve()}")
+    print("verified:  " + ("yes (SHA-256 of all four files)" if not bad
+                           else f"NO: {', '.join(bad)} differ from the real files"))
+    print(f"\n{'class':<14}{'train':>8}{'test':>8}")
+    for i, name in enumerate(data.CLASSES):
+        print(f"{i} {name:<12}{counts['train'][i]:>8}{counts['test'][i]:>8}")
+    print(f"{'total':<14}{counts['train'].sum():>8}{counts['test'].sum():>8}")
+    print(f"\ntrain pixels in [0, 1]: mean {x.mean():.4f}  std {x.std():.4f}")
+    if samples:
+        print(f"samples:   {samples}")
     return 0 if not bad else 1
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from . import train
+    from . import report
 
-    paths = train.plot_existing(args.run, args.data_dir, args.device)
+    paths = report.draw(args.run, args.data_dir, args.device)
+    if args.json:
+        _print_json([str(p) for p in paths])
+        return 0
     for p in paths:
         print(p)
     return 0
@@ -146,33 +208,47 @@ def cmd_compare_init(args: argparse.Namespace) -> int:
     from . import compare
 
     inits = compare.parse_inits(args.inits)
-    cfg = config_from_args(args)
-    echo = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    results = compare.compare_init(cfg, inits, args.seeds, args.out, echo=echo,
-                                   progress=not args.quiet and sys.stderr.isatty())
+    cfg = config_from_args(args, refuse={
+        "init": "it trains every init of --inits", "name": "its runs are named <init>-s<seed>",
+        "plots": "its runs draw no figures; init_comparison.png compares them"})
+    out = getattr(args, "out_dir", None) or "compare-init"
+    args.hint = ("compare-init", None)
+    results = compare.compare_init(cfg, inits, args.seeds, out, echo=_echo(args), progress=_progress(args))
+    if args.json:
+        _print_json({"results": str(Path(out) / "results.json"), **results})
+        return 0
     print(compare.table(results))
-    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'init_comparison.png'}")
+    print(f"results: {Path(out) / 'results.json'}, {Path(out) / 'init_comparison.png'}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from . import tune
 
-    cfg = config_from_args(args)
-    result = tune.tune(cfg, args.out, trials=args.trials, timeout=args.timeout, study_name=args.study,
-                       storage=args.storage, epochs=cfg.epochs, seed=cfg.seed, space_file=args.space,
-                       pruner=args.pruner, heartbeat=args.heartbeat, verbose=args.verbose,
-                       progress=sys.stderr.isatty())
+    cfg = config_from_args(args, refuse={
+        "name": "trials are named <study>-trial_<n>", "plots": "trials draw no figures",
+        "tensorboard": "trials log nothing to TensorBoard"})
+    out = getattr(args, "out_dir", None) or "tune"
+    args.hint = ("tune", None)
+    result = tune.tune(cfg, out, trials=args.trials, timeout=args.timeout, study_name=args.study,
+                       storage=args.storage, space_file=args.space, pruner=args.pruner, heartbeat=args.heartbeat,
+                       verbose=args.verbose, progress=_progress(args))
     study = result.study
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
-    counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "fail", "running") if s in states)
-    print(f"study '{study.study_name}': {len(states)} trials ({counts})")
+    counts = {s: states.count(s) for s in ("complete", "pruned", "fail", "running", "waiting") if s in states}
+    best = study.best_trial if result.best_toml is not None else None
+    if args.json:
+        _print_json({"study": study.study_name, "trials": len(states), "states": counts,
+                     "reaped": result.reaped, "best_trial": best.number if best else None,
+                     "best_value": best.value if best else None, "best_params": best.params if best else None,
+                     "config": str(result.best_toml) if best else None, "figures": [str(f) for f in result.figures]})
+        return 0
+    print(f"study '{study.study_name}': {len(states)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
     if result.reaped:
-        print(f"marked failed (their worker had died): trials {', '.join(map(str, result.reaped))}")
-    if result.best_toml is None:
+        print(f"marked failed (their worker had died) and queued again: trials {', '.join(map(str, result.reaped))}")
+    if best is None:
         print("no trial has completed yet")
         return 0
-    best = study.best_trial
     print(f"best: trial {best.number}, validation accuracy {best.value:.4f}")
     for k, v in best.params.items():
         print(f"  {k:<16} {v:.4g}" if isinstance(v, float) else f"  {k:<16} {v}")
@@ -183,9 +259,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models
+
+    rows = []
     for name in models.names():
-        m = models.create(name)
-        print(f"{name:<8} {models.count_parameters(m):>9,} parameters (defaults)")
+        with torch.device("meta"):  # shapes only
+            m = models.create(name)
+        rows.append({"model": name, "parameters": models.count_parameters(m), "defaults": models.defaults(name),
+                     "track_neurons": models.default_track(name)})
+    if args.json:
+        _print_json({"models": rows, "presets": config_mod.presets()})
+        return 0
+    for r in rows:
+        settings = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                             for k, v in r["defaults"].items())
+        print(f"{r['model']:<6} {r['parameters']:>9,} parameters   {settings}; "
+              f"tracks neuron {','.join(map(str, r['track_neurons']))}")
     print("presets: " + ", ".join(config_mod.presets()))
     return 0
 
@@ -193,45 +284,56 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fmnist", description="Train, inspect and evaluate Fashion-MNIST classifiers.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _Parser(prog="fmnist", description="Train, understand, tune and evaluate Fashion-MNIST classifiers.")
+    p.add_argument("--version", action="version", version=f"fmnist {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    saved_data_help = "directory with the four IDX files (default: $FMNIST_DATA, else where the run found them)"
+    device_help = "auto, cpu, cuda or mps (default: auto)"
+
+    def common(c: argparse.ArgumentParser, quiet: bool = True) -> None:
+        if quiet:
+            c.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+        c.add_argument("--json", action="store_true", help="print the results as JSON")
 
     t = sub.add_parser("train", help="train a model into runs/<name>/")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
-    t.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt "
+                                                       "(with --data-dir if its data has moved)")
+    common(t)
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a model")
-    e.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    e.add_argument("run", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt is used) or a .pt file")
     e.add_argument("--split", choices=("test", "val"), default="test", help="which split (default: test)")
-    e.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    e.add_argument("--data-dir", help="directory with the IDX files (default: search)")
-    e.add_argument("--device", default="auto", choices=config_mod.DEVICES)
+    e.add_argument("--data-dir", help=saved_data_help)
+    e.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help)
+    common(e, quiet=False)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("data", help="where the data is, whether it verifies, class counts, pixel statistics")
     d.add_argument("--data-dir",
                    help="directory with the IDX files (default: search); with --download, where to put them")
     d.add_argument("--download", action="store_true", help="fetch the four files into the user cache (or --data-dir)")
-    d.add_argument("--mirror", default=os.environ.get("FMNIST_MIRROR", data.OFFICIAL_URL),
+    d.add_argument("--mirror", default=os.environ.get("FMNIST_MIRROR", OFFICIAL_URL),
                    help="base URL to download from (default: the official location, or $FMNIST_MIRROR)")
     d.add_argument("--samples", metavar="FILE.png", help="also write a grid of training images, a row per class")
+    common(d)
     d.set_defaults(func=cmd_data)
 
     pl = sub.add_parser("plot", help="(re)draw the figures and report.html of a finished run")
-    pl.add_argument("run", metavar="RUN_DIR")
-    pl.add_argument("--data-dir", help="directory with the IDX files (default: the run's, else search)")
-    pl.add_argument("--device", default="auto", choices=config_mod.DEVICES)
+    pl.add_argument("run", metavar="RUN_DIR", help="the run directory to draw")
+    pl.add_argument("--data-dir", help=saved_data_help)
+    pl.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help)
+    common(pl, quiet=False)
     pl.set_defaults(func=cmd_plot)
 
     c = sub.add_parser("compare-init", help="train every init x seed and compare them on validation")
     c.add_argument("--inits", default="xavier,normal,kaiming,default",
-                   help=f"comma-separated, from {', '.join(models.INITS)} (default: %(default)s)")
+                   help=f"comma-separated, from {', '.join(INITS)} (default: %(default)s)")
     c.add_argument("--seeds", type=int, default=3, help="seeds per init, counting up from --seed (default: 3)")
-    c.add_argument("--out", default="compare-init", help="output directory (default: %(default)s)")
-    c.add_argument("--quiet", action="store_true", help="no progress output")
-    add_config_flags(c)
+    common(c)
+    add_config_flags(c, {"out_dir": "output directory: a run per init and seed, results.json, "
+                                    "init_comparison.png (default: compare-init)"})
     c.set_defaults(func=cmd_compare_init)
 
     u = sub.add_parser("tune", help="search hyperparameters with Optuna (validation accuracy)")
@@ -239,41 +341,73 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     u.add_argument("--study", default="fmnist", help="study name (default: %(default)s)")
     u.add_argument("--storage", help="an RDB URL (postgresql://..., sqlite:///...) or a journal file path "
-                                     "(default: <out>/study.journal)")
+                                     "(default: <out-dir>/study.journal)")
     u.add_argument("--space", metavar="FILE.toml", help="search-space entries replacing the defaults")
-    u.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
+    u.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                   help="stop poor trials early by this rule (default: median)")
     u.add_argument("--heartbeat", type=int, default=10,
                    help="seconds between a worker's heartbeats on an RDB storage (default: 10)")
-    u.add_argument("--out", default="tune", help="output directory (default: %(default)s)")
     u.add_argument("--verbose", action="store_true", help="Optuna's own log messages")
-    add_config_flags(u)
+    common(u)
+    add_config_flags(u, {"out_dir": "output directory: trials/, study.journal, best.toml, figures (default: tune)",
+                         "epochs": "epochs of each trial (default: 20, as a real run)"})
     u.set_defaults(func=cmd_tune)
 
-    m = sub.add_parser("models", help="list the registered models and the shipped presets")
+    m = sub.add_parser("models", help="list the registered models, their defaults and the shipped presets")
+    common(m, quiet=False)
     m.set_defaults(func=cmd_models)
     return p
 
 
-def _optional_errors() -> tuple[type[BaseException], ...]:
-    """TuneError, if the tuning module was imported (Optuna stays an import of tune.py only)."""
-    mod = sys.modules.get("fmnist.tune")
-    return (mod.TuneError,) if mod is not None else ()
+def _interrupted(args: argparse.Namespace | None, exc: BaseException) -> str:
+    """What to say after Ctrl-C: how to continue, where anything can be continued."""
+    run_dir, resumable = getattr(exc, "run_dir", None), getattr(exc, "resumable", False)
+    if run_dir is not None and resumable:
+        return f"fmnist: interrupted; continue with: fmnist train --resume {run_dir}"
+    if run_dir is not None:
+        return "fmnist: interrupted before the first epoch ended; nothing was kept, run the same command again"
+    command = getattr(args, "hint", (None, None))[0] if args is not None else None
+    if command in ("compare-init", "tune"):
+        return f"fmnist: interrupted; run the same command again to continue the {command} where it stopped"
+    return "fmnist: interrupted"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import train
-
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (*USER_ERRORS, train.TrainError, *_optional_errors()) as e:
-        print(f"fmnist: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fmnist: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted(args, e), file=sys.stderr)
         return 130
     except BrokenPipeError:
+        sys.stderr.close()  # `fmnist ... | head`: the reader has gone, nothing more to say
         return 0
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        print(f"fmnist: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _user_error(e: Exception) -> str | None:
+    """The sentence for an error the user caused, or None for a bug (which keeps its traceback)."""
+    from . import data, distributed, models, runs, train
+
+    errors: tuple[type[BaseException], ...] = (UsageError, ConfigError, data.DataError, models.ModelError,
+                                               runs.RunError, train.TrainError, distributed.DeviceError)
+    tune = sys.modules.get("fmnist.tune")  # Optuna stays an import of tune.py only
+    if tune is not None:
+        errors += (tune.TuneError,)
+    if isinstance(e, errors):
+        return " ".join(str(e).split())  # one line, whatever the message held
+    if isinstance(e, MemoryError):
+        return "out of memory; choose a smaller --batch-size or model."
+    if isinstance(e, OSError) and e.strerror:  # the file system said no: a path, a permission, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}."
+    return None
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ command can be rerun after an interruption. Results: <out>/results.json and
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from . import config as config_mod
-from . import models, train
+from . import models, runs, train
 from .config import ConfigError, TrainConfig
 
 
@@ -37,9 +36,12 @@ def compare_init(base: TrainConfig, inits: list[str], seeds: int, out: str | Pat
                  echo: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict:
     """Train every init x seed (reusing finished runs) and summarise; returns the results dict."""
     out = Path(out)
-    if seeds < 1:
-        raise ConfigError("--seeds must be at least 1.")
-    base = replace(base, plots=False, out_dir=str(out)).validate()
+    if not 1 <= seeds <= 1000:
+        raise ConfigError(f"--seeds must be between 1 and 1000, got {seeds}.")
+    base = runs.resolve(replace(base, plots=False, out_dir=str(out)))
+    if base.seed + seeds - 1 > config_mod.SEED_MAX:
+        raise ConfigError(f"seeds {base.seed}..{base.seed + seeds - 1} go past the largest seed, "
+                          f"{config_mod.SEED_MAX}.")
     results: dict = {"config": {k: v for k, v in vars(base).items() if k not in ("init", "seed", "name")},
                      "inits": {}}
     for init in inits:
@@ -47,19 +49,21 @@ def compare_init(base: TrainConfig, inits: list[str], seeds: int, out: str | Pat
         for seed in range(base.seed, base.seed + seeds):
             cfg = replace(base, init=init, seed=seed, name=f"{init}-s{seed}")
             run_dir = out / cfg.name
-            if (run_dir / "config.toml").is_file() and config_mod.load(run_dir / "config.toml") != cfg:
-                raise ConfigError(f"{run_dir} was trained with another configuration; "
-                                  "use a new --out or the same flags as before.")
-            if (run_dir / "summary.json").is_file():
-                echo(f"{cfg.name}: finished earlier, reused")
-                summary = json.loads((run_dir / "summary.json").read_text())
-            elif (run_dir / "last.pt").is_file():
-                echo(f"{cfg.name}: resuming")
-                summary = train.fit(cfg, resume=run_dir, progress=progress).summary
-            else:
+            summary = None
+            if (run_dir / "config.toml").is_file():
+                if runs.read_config(run_dir).identity() != cfg.identity():
+                    raise ConfigError(f"{run_dir} was trained with another configuration; "
+                                      "use a new --out-dir or the same flags as before.")
+                if (run_dir / "summary.json").is_file() and (run_dir / "last.pt").is_file():
+                    echo(f"{cfg.name}: finished earlier, reused")
+                    summary = runs.read_summary(run_dir, need=("best_val_accuracy", "test_accuracy"))
+                elif (run_dir / "last.pt").is_file():
+                    echo(f"{cfg.name}: resuming")
+                    summary = train.fit(cfg, resume=run_dir, progress=progress, data_dir=base.data_dir).summary
+            if summary is None:
                 echo(f"{cfg.name}: training")
                 summary = train.fit(cfg, progress=progress).summary
-            history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
+            history = runs.read_history(run_dir)
             per_seed.append({"seed": seed, "summary": summary,
                              "val_acc": [r["val_acc"] for r in history],
                              "val_loss": [r["val_loss"] for r in history],
@@ -70,7 +74,7 @@ def compare_init(base: TrainConfig, inits: list[str], seeds: int, out: str | Pat
             "test_accuracy": _mean_std([r["summary"]["test_accuracy"] for r in per_seed]),
             "first_epoch_val_accuracy": _mean_std([r["val_acc"][0] for r in per_seed]),
         }
-    train.write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    runs.write_json(out / "results.json", results)
     from . import plots
 
     plots.init_comparison(results, out / "init_comparison.png")

@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,12 @@ def _read_bytes(path: Path) -> bytes:
             if head == b"\x1f\x8b":
                 return gzip.GzipFile(fileobj=f).read()
             return f.read()
-    except (EOFError, gzip.BadGzipFile, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot be read as IDX or gzipped IDX ({e}).") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not an IDX file.") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise DataError(f"{path}: cannot be read as IDX or gzipped IDX ({reason}); replace it, for example "
+                        "with `fmnist data --download`.") from None
 
 
 def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -176,16 +181,21 @@ def locate(data_dir: str | Path | None = None) -> Path:
     )
 
 
+def _sha256_or_none(path: Path) -> str | None:
+    """SHA-256 of the decompressed content, or None when the file cannot be read."""
+    try:
+        return hashlib.sha256(_read_bytes(path)).hexdigest()
+    except DataError:
+        return None
+
+
 def verify(directory: str | Path) -> dict[str, bool]:
     """SHA-256 check of each of the four files (decompressed); False when absent or wrong."""
     directory = Path(directory)
     result = {}
     for stem, digest in SHA256.items():
         p = _find_file(directory, stem)
-        try:
-            result[stem] = p is not None and hashlib.sha256(_read_bytes(p)).hexdigest() == digest
-        except DataError:
-            result[stem] = False
+        result[stem] = p is not None and _sha256_or_none(p) == digest
     return result
 
 
@@ -217,12 +227,15 @@ def download(dest: str | Path | None = None, base_url: str = OFFICIAL_URL, retri
     looks complete. Files already present and valid are kept.
     """
     dest = Path(dest) if dest is not None else cache_dir()
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data directory {dest}: {e.strerror or e}.") from None
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     for stem, digest in SHA256.items():
         final = dest / (stem + ".gz")
-        if final.is_file() and hashlib.sha256(_read_bytes(final)).hexdigest() == digest:
-            continue
+        if final.is_file() and _sha256_or_none(final) == digest:
+            continue  # already here and verified; a damaged or foreign file is downloaded again
         problem = ""
         for attempt in range(retries):
             fd, tmp = tempfile.mkstemp(prefix=stem + ".", suffix=".part", dir=dest)
@@ -280,10 +293,11 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
 
 
 def load(data_dir: str | Path | None = None, val_size: int = 5000, split_seed: int = 0) -> Splits:
-    """Locate, read and split the data."""
+    """Locate, read, check and split the data."""
     directory = locate(data_dir)
     xtr, ytr = load_split(directory, "train")
     xte, yte = load_split(directory, "test")
+    check_sizes(directory, len(ytr), len(yte), val_size)
     tr, va = stratified_split(ytr, val_size, split_seed)
     t = torch.from_numpy
     return Splits(
@@ -292,6 +306,23 @@ def load(data_dir: str | Path | None = None, val_size: int = 5000, split_seed: i
         test=(t(xte), t(yte)),
         directory=directory,
     )
+
+
+MIN_TRAIN = 10  # training images left after the validation split: fewer cannot train anything
+
+
+def check_sizes(directory: Path, n_train: int, n_test: int, val_size: int) -> None:
+    """Sizes that parse but make no sense are errors before training, not surprises after it."""
+    if n_train == 0 or n_test == 0:
+        which = "training" if n_train == 0 else "test"
+        raise DataError(f"the {which} files in {directory} hold no images.")
+    if n_train < n_test:
+        raise DataError(f"the training files in {directory} hold fewer images ({n_train:,}) than the test files "
+                        f"({n_test:,}); are the train and t10k files swapped? (Fashion-MNIST has "
+                        f"{COUNTS['train']:,} and {COUNTS['test']:,}.)")
+    if val_size > n_train - MIN_TRAIN:
+        raise DataError(f"--val-size {val_size:,} leaves fewer than {MIN_TRAIN} of the {n_train:,} training images "
+                        f"in {directory} to train on; choose at most {max(n_train - MIN_TRAIN, 1):,}.")
 
 
 # ---------------------------------------------------------------- the plain path
@@ -424,16 +455,26 @@ class BatchLoader:
             return torch.arange(n, device=self.device)
         return torch.randperm(n, generator=gen or self._generator(), device=self.device)
 
-    def __len__(self) -> int:
+    def _batches(self) -> int:
         n = len(self.labels)
-        full = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last:
+            return n // self.batch_size
+        full = -(-n // self.batch_size)
+        if full >= 2 and n % self.batch_size == 1:
+            full -= 1  # a last batch of one image joins the one before: batch norm cannot train on one image
+        return full
+
+    def __len__(self) -> int:
+        full = self._batches()
         return min(full, self.max_batches) if self.max_batches is not None else full
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = self._generator()
         idx = self.order(gen)
+        last = self._batches() - 1
         for i in range(len(self)):
-            j = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            end = len(idx) if i == last and not self.drop_last else (i + 1) * self.batch_size
+            j = idx[i * self.batch_size:end]
             x = self.images[j]
             if self.augment.active:
                 x = augment_batch(x, self.augment, gen)

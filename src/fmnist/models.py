@@ -8,12 +8,15 @@ Every model takes (B, 1, 28, 28) normalised images and returns (B, 10) logits.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_TRACK: dict[str, tuple[int, ...]] = {}  # name -> first-layer neurons tracked by default (1-based)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
@@ -26,10 +29,17 @@ class ModelError(ValueError):
     """An unknown model, activation or init name, or arguments a model does not take."""
 
 
-def register(name: str) -> Callable:
-    """Decorator: make a model factory available to `create(name)`."""
+def register(name: str, track: tuple[int, ...] = (1,)) -> Callable:
+    """Decorator: make a model factory available to `create(name)`.
+
+    The factory's keyword defaults are the model's defaults (written once, there);
+    `track` lists the first-layer neurons that a run follows unless told otherwise.
+    """
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is registered twice")
         _REGISTRY[name] = factory
+        _TRACK[name] = tuple(track)
         return factory
     return wrap
 
@@ -38,14 +48,42 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, **kw) -> nn.Module:
-    """Build a registered model; an unknown name or argument is a ModelError."""
+def _check_name(name: str) -> None:
     if name not in _REGISTRY:
         raise ModelError(f"unknown model '{name}'; known models: {', '.join(names())}.")
-    try:
-        return _REGISTRY[name](**kw)
-    except TypeError as e:
-        raise ModelError(f"model '{name}': {e}.") from None
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """The keyword arguments `name` takes, with their defaults."""
+    _check_name(name)
+    return {k: p.default for k, p in inspect.signature(_REGISTRY[name]).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def default_track(name: str) -> list[int]:
+    _check_name(name)
+    return list(_TRACK[name])
+
+
+def resolve_kwargs(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of model `name`: the given ones over the factory's defaults.
+
+    An argument the model does not take is a ModelError that says which ones it does.
+    """
+    known = defaults(name)
+    extra = sorted(set(given) - set(known))
+    if extra:
+        raise ModelError(f"model '{name}' takes no '{extra[0]}'; its settings are: {', '.join(known)}.")
+    out = {**known, **given}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def create(name: str, **kw) -> nn.Module:
+    """Build a registered model; an unknown name or argument is a ModelError."""
+    resolve_kwargs(name, kw)
+    if "activation" in kw and kw["activation"] not in ACTIVATIONS:
+        raise ModelError(f"unknown activation '{kw['activation']}'; known: {', '.join(ACTIVATIONS)}.")
+    return _REGISTRY[name](**kw)
 
 
 def _activation(name: str) -> nn.Module:
@@ -57,9 +95,8 @@ def _activation(name: str) -> nn.Module:
 class MLP(nn.Module):
     """784 -> hidden... -> 10, each hidden layer Linear [-> BatchNorm] -> act [-> Dropout]."""
 
-    def __init__(self, hidden: tuple[int, ...] | list[int] = (256, 128), activation: str = "relu",
-                 dropout: float = 0.0, batch_norm: bool = False, in_features: int = 28 * 28,
-                 classes: int = 10):
+    def __init__(self, hidden: tuple[int, ...] | list[int], activation: str, dropout: float, batch_norm: bool,
+                 in_features: int = 28 * 28, classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -81,9 +118,8 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """A small convnet: two conv blocks (conv-BN-act x2, max-pool) and a linear head."""
 
-    def __init__(self, channels: tuple[int, ...] | list[int] = (32, 64), activation: str = "relu",
-                 dropout: float = 0.0, hidden: tuple[int, ...] | list[int] = (),
-                 batch_norm: bool = True, classes: int = 10):
+    def __init__(self, channels: tuple[int, ...] | list[int], activation: str, dropout: float,
+                 hidden: tuple[int, ...] | list[int], batch_norm: bool, classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 1
@@ -110,13 +146,15 @@ class CNN(nn.Module):
         return self.net(x)
 
 
-@register("mlp")
-def mlp(hidden=(256, 128), activation="relu", dropout=0.0, batch_norm=False) -> nn.Module:
+@register("mlp", track=(50,))  # the course project follows the 50th neuron of the first hidden layer
+def mlp(hidden=(256, 128), activation="relu", dropout=0.0, batch_norm=True) -> nn.Module:
+    """784 -> hidden... -> 10; the default is fmnist's default MLP (chosen on validation, see README)."""
     return MLP(tuple(hidden), activation, dropout, batch_norm)
 
 
-@register("cnn")
-def cnn(hidden=(), activation="relu", dropout=0.0, batch_norm=True, channels=(32, 64)) -> nn.Module:
+@register("cnn", track=(1, 8))
+def cnn(channels=(32, 64), hidden=(), activation="relu", dropout=0.0, batch_norm=True) -> nn.Module:
+    """Conv blocks of `channels` (each conv-BN-act x2, max-pool), then a linear head of `hidden` widths."""
     return CNN(tuple(channels), activation, dropout, tuple(hidden), batch_norm)
 
 
@@ -172,6 +210,15 @@ def neuron_weights(model: nn.Module, neurons: list[int]) -> torch.Tensor:
         side = int(round(w.shape[1] ** 0.5))
         return w[idx].reshape(len(neurons), side, side).cpu().clone()
     return w[idx].mean(dim=1).cpu().clone()
+
+
+def first_layer_pictures(model: nn.Module) -> torch.Tensor:
+    """Every first-layer neuron as a picture: (N, 28, 28) for an MLP, (N, kh, kw) for a CNN."""
+    return neuron_weights(model, list(range(1, first_layer(model).weight.shape[0] + 1)))
+
+
+def is_conv(model: nn.Module) -> bool:
+    return isinstance(first_layer(model), nn.Conv2d)
 
 
 def count_parameters(model: nn.Module) -> int:

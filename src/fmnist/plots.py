@@ -12,7 +12,6 @@ imshow: one axes per picture would make the atlas take seconds.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +23,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .data import CLASSES  # noqa: E402
-from .train import atomic_write  # noqa: E402
+from .runs import atomic_write  # noqa: E402
 
 DPI = 110
 DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
@@ -214,24 +213,21 @@ def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Pa
 
 # ---------------------------------------------------------------- all of a run
 
-def plot_run(run_dir: str | Path, test_images: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray,
+def plot_run(run_dir: str | Path, history: list[dict], summary: dict, neurons: dict[int, np.ndarray],
+             test_images: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray,
              train_images: np.ndarray, train_labels: np.ndarray, first_layer: np.ndarray,
              conv: bool) -> list[Path]:
     """Write every figure of the run into run_dir/plots/; returns their paths."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     paths = [
         curves(history, out / "curves.png", summary.get("test_accuracy"), summary.get("best_epoch"),
                title=f"{run_dir.name}"),
         samples(train_images, train_labels, out / "samples.png"),
     ]
-    with np.load(run_dir / "neurons.npz") as z:
-        for key in sorted(k for k in z.files if k.startswith("neuron_")):
-            k = int(key.split("_")[1])
-            paths.append(neuron_evolution(z[key], k, out / f"neuron_{k}.png", conv=conv))
-            paths.append(neuron_gif(z[key], k, out / f"neuron_{k}.gif"))
+    for k, snaps in sorted(neurons.items()):
+        paths.append(neuron_evolution(snaps, k, out / f"neuron_{k}.png", conv=conv))
+        paths.append(neuron_gif(snaps, k, out / f"neuron_{k}.gif"))
     paths.append(atlas(first_layer, out / "neurons_atlas.png", conv=conv, epoch=len(history)))
     pred = test_probs.argmax(1)
     cm = np.zeros((10, 10), dtype=np.int64)

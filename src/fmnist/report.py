@@ -10,8 +10,8 @@ import html
 import json
 from pathlib import Path
 
-from . import config as config_mod
-from .train import write_text
+from . import runs
+from .runs import write_text
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -41,13 +41,13 @@ CAPTIONS = {
 
 def _cards(summary: dict) -> str:
     items = [
-        ("test accuracy", f"{100 * summary['test_accuracy']:.2f}%"),
+        ("test accuracy", f"{100 * summary['test_accuracy']:.2f}%" if "test_accuracy" in summary else "not tested"),
         ("best validation accuracy", f"{100 * summary['best_val_accuracy']:.2f}%"),
         ("best epoch", f"{summary['best_epoch']} / {summary['epochs']}"),
-        ("wall time", f"{summary['wall_seconds']:.1f} s"),
-        ("training speed", f"{summary['train_samples_per_second']:,} images/s"),
-        ("parameters", f"{summary['parameters']:,}"),
-        ("device", html.escape(summary["device"])),
+        ("wall time", f"{summary.get('wall_seconds', 0):.1f} s"),
+        ("training speed", f"{summary.get('train_samples_per_second', 0):,} images/s"),
+        ("parameters", f"{summary.get('parameters', 0):,}"),
+        ("device", html.escape(str(summary.get("device", "?")))),
     ]
     return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
 
@@ -69,13 +69,55 @@ def _figure(name: str, caption: str, alt: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def _shape(cfg: dict) -> str:
+    parts = [f"{k} {','.join(map(str, cfg[k]))}" for k in ("channels", "hidden") if cfg.get(k)]
+    return "(" + "; ".join(parts) + ")" if parts else ""
+
+
+def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto", splits=None,
+         test_probs=None, final_model=None) -> list[Path]:
+    """Every figure of a run into run_dir/plots/, then report.html; returns their paths.
+
+    After a training, `fit` hands over what it has in memory (the splits, the
+    test probabilities of best.pt, the final model); `fmnist plot` passes
+    nothing and everything is recomputed from the run's files and its data.
+    """
+    from . import data, distributed, evaluate, models, plots
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise runs.RunError(f"{run_dir} is not a directory.")
+    missing = [f for f in ("best.pt", "last.pt", "history.jsonl", "summary.json", "neurons.npz")
+               if not (run_dir / f).is_file()]
+    if missing:
+        raise runs.RunError(f"{run_dir} is not a finished fmnist run (no {missing[0]}).")
+    history, summary, neurons = runs.read_history(run_dir), runs.read_summary(run_dir), runs.read_neurons(run_dir)
+    if final_model is None:
+        last = runs.load_checkpoint(run_dir / "last.pt", "last")
+        cfg = runs.checkpoint_config(last, run_dir / "last.pt")
+        final_model = runs.load_state(runs.build_model(cfg), last["model"], run_dir / "last.pt")
+    if splits is None or test_probs is None:
+        model, cfg, _ = runs.load_model(run_dir / "best.pt")
+        splits = evaluate.load_splits(cfg, data_dir)
+        dev = distributed.pick_device(device)
+        with distributed.cpu_share():
+            _, _, test_probs = evaluate.evaluate(model.to(dev), data.BatchLoader(*splits.test, 1024, device=dev),
+                                                 return_predictions=True)
+    n = len(test_probs)
+    paths = plots.plot_run(run_dir, history, summary, neurons, splits.test[0][:n].numpy(),
+                           splits.test[1][:n].numpy(), test_probs.numpy(), splits.train[0].numpy(),
+                           splits.train[1].numpy(), models.first_layer_pictures(final_model.cpu()).numpy(),
+                           models.is_conv(final_model))
+    return [*paths, write(run_dir)]
+
+
 def write(run_dir: str | Path) -> Path:
     """Write run_dir/report.html from the run's files; returns its path."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
-    cfg_text = (run_dir / "config.toml").read_text()
-    cfg = config_mod.read_toml(run_dir / "config.toml")
+    summary = runs.read_summary(run_dir)
+    history = runs.read_history(run_dir)
+    cfg = vars(runs.read_config(run_dir))
+    cfg_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     plots = run_dir / "plots"
     neurons = sorted((p.name for p in plots.glob("neuron_*.png")), key=lambda s: int(s[7:-4]))
 
@@ -83,9 +125,9 @@ def write(run_dir: str | Path) -> Path:
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>fmnist run {html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>",
         f"<h1>Run {html.escape(run_dir.name)}</h1>",
-        f"<p>{html.escape(cfg.get('model', ''))} {html.escape(str(cfg.get('hidden', '')))}, "
+        f"<p>{html.escape(cfg.get('model', ''))} {html.escape(_shape(cfg))}, "
         f"{html.escape(cfg.get('optimizer', ''))} lr {cfg.get('lr')}, {summary['epochs']} epochs, seed "
-        f"{summary['seed']}, torch {html.escape(summary['torch_version'])}. "
+        f"{cfg.get('seed')}, torch {html.escape(str(summary.get('torch_version', '?')))}. "
         f"Reproduce: <code>{html.escape(summary.get('command', ''))}</code></p>",
         _cards(summary),
         "<h2>Learning curves</h2>", _figure("curves.png", CAPTIONS["curves.png"], "learning curves"),

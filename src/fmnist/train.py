@@ -8,43 +8,42 @@ end `best.pt` is reloaded and evaluated once on the test split.
 Every random draw of epoch e depends only on (seed, e), and `last.pt` holds
 everything else (weights, optimiser, schedule, history, snapshots), so a run
 killed at any moment and resumed ends with the same weights as one that never
-stopped (on the CPU).
+stopped (on the CPU, with the same number of threads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import config as config_mod
-from . import data, models
+from . import data, distributed, models, runs
 from .config import TrainConfig
+from .evaluate import evaluate
+from .runs import RunError
 
 
 class TrainError(RuntimeError):
-    """A training that cannot go on (divergence, a bad run directory, a missing device)."""
+    """A training that cannot go on (divergence, memory)."""
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training; `run_dir` can be resumed."""
+    """Ctrl-C during training; `resumable` says whether `run_dir` holds a last.pt to continue from."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resumable: bool):
         super().__init__(str(run_dir))
-        self.run_dir = run_dir
+        self.run_dir, self.resumable = run_dir, resumable
 
 
 DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
@@ -58,45 +57,6 @@ class Run:
 
 
 # ---------------------------------------------------------------- small pieces
-
-def pick_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; asking for one that is absent is an error."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise TrainError(f"device '{name}' was asked for but is not available here; use --device cpu or auto.")
-    return torch.device(name)
-
-
-def use_all_cores() -> None:
-    """Every core this process may use, and denormal floats flushed to zero.
-
-    Adam's second-moment estimates of near-silent pixels sink into the denormal
-    range, where x86 arithmetic is many times slower: flushing them made a
-    default epoch about 1.5x faster on the 2-core test machine.
-    """
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(n)
-    torch.set_flush_denormal(True)
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, data.FILE_MODE)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
-
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimiser of `cfg`, fused into one kernel where torch has one for the device.
@@ -130,10 +90,6 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch:
     return None, False
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    return models.create(cfg.model, **cfg.model_kwargs())
-
-
 # ---------------------------------------------------------------- one epoch
 
 def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim.Optimizer,
@@ -161,92 +117,86 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim
     return loss_sum.item() / n, correct.item() / n, time.perf_counter() - start
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False):
-    """(mean loss, accuracy) or, with return_predictions, (loss, acc, probabilities (N, 10))."""
-    model.eval()
-    loss_sum, correct, n, probs = 0.0, 0, 0, []
-    for x, y in loader:
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
-        if return_predictions:
-            probs.append(logits.softmax(1).cpu())
-    if return_predictions:
-        return loss_sum / n, correct / n, torch.cat(probs)
-    return loss_sum / n, correct / n
-
-
 # ---------------------------------------------------------------- the run
-
-def _default_name(cfg: TrainConfig) -> str:
-    return f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _save(obj: dict, path: Path) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainError(f"checkpoint {path} does not exist.") from None
-    except Exception as e:  # a damaged or foreign file: say which
-        raise TrainError(f"{path} is not a readable fmnist checkpoint ({type(e).__name__}).") from None
-
-
-def _write_derived(run_dir: Path, history: list[dict], neurons: dict[int, list[torch.Tensor]]) -> None:
-    """history.jsonl and neurons.npz, both rebuilt from the checkpoint state."""
-    write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    arrays = {f"neuron_{k}": torch.stack(v).numpy() for k, v in neurons.items()}
-    arrays["epochs"] = np.arange(len(next(iter(neurons.values())))) if neurons else np.zeros(0)
-
-    def save_npz(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
-            np.savez(f, **arrays)
-
-    atomic_write(run_dir / "neurons.npz", save_npz)
-
 
 def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = False,
         echo: Callable[[str], None] = lambda s: None, command: str = "",
-        on_epoch: Callable[[dict], None] | None = None, test: bool = True) -> Run:
-    """Train `cfg` into runs/<name>/ (or continue the run in `resume`); returns the Run.
+        on_epoch: Callable[[dict], None] | None = None, test: bool = True,
+        data_dir: str | None = None) -> Run:
+    """Train `cfg` into <out_dir>/<name>/ (or continue the run in `resume`); returns the Run.
 
-    `on_epoch(row)` is called after each epoch's checkpoint (a tuner reports and
-    prunes there). With test=False the test split is not touched at all: the
-    summary then has no test figures and no figures are drawn (for tuning,
-    where every decision must rest on validation alone).
+    Everything a user can get wrong is found before the run directory is
+    created: the config's ranges, the model's arguments, the data and its sizes.
+    `data_dir` says where the data is now when resuming (it is not part of a
+    run's identity). `on_epoch(row)` is called after each epoch's checkpoint (a
+    tuner reports and prunes there). With test=False the test split is not
+    touched at all: the summary then has no test figures and no figures are
+    drawn (for tuning, where every decision must rest on validation alone).
     """
     t_start = time.perf_counter()
     state: dict | None = None
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "last.pt").is_file():
-            raise TrainError(f"{run_dir} holds no last.pt to resume from.")
-        state = load_checkpoint(run_dir / "last.pt")
-        cfg = config_mod.from_dict(state["config"], where=str(run_dir / "last.pt"))
-    cfg.validate()
-    epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    device = pick_device(cfg.device)
-    if device.type == "cpu":
-        use_all_cores()
-
-    splits = data.load(cfg.data_dir or None, cfg.val_size, cfg.split_seed)
+        state = _resume_state(run_dir)
+        cfg = runs.checkpoint_config(state, run_dir / "last.pt")
+        data_at = runs.data_dir_for(cfg.data_dir, data_dir)
+    else:
+        cfg = runs.resolve(cfg)
+        if cfg.data_dir:  # a relative path means "from here": keep it meaningful from anywhere
+            cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
+        data_at = cfg.data_dir or None
+    device = distributed.pick_device(cfg.device)
+    splits = data.load(data_at, cfg.val_size, cfg.split_seed)
+    if cfg.tensorboard:
+        _summary_writer()  # a missing package is said before anything is written
+    created = False
     if resume is None:
-        run_dir = Path(cfg.out_dir) / (cfg.name or _default_name(cfg))
-        if (run_dir / "last.pt").exists():
-            raise TrainError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                             "or pick another --name.")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir, created = runs.create(cfg.out_dir, cfg.name or runs.default_name(cfg))
         cfg = dataclasses.replace(cfg, name=run_dir.name)
-    write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
+    else:
+        runs.clean_temp(run_dir)
+    share = distributed.cpu_share(cfg.threads) if device.type == "cpu" else contextlib.nullcontext()
+    try:
+        with share:
+            return _fit(cfg, run_dir, state, splits, device, progress, echo, command, on_epoch, test, t_start)
+    except KeyboardInterrupt:
+        if (run_dir / "last.pt").is_file():
+            raise Interrupted(run_dir, resumable=True) from None
+        if resume is None:  # stopped before its first epoch ended: leave no half-started run behind
+            runs.remove_unstarted(run_dir) if created else None
+        raise Interrupted(run_dir, resumable=False) from None
+    except RuntimeError as e:
+        if "memory" in str(e).lower() and ("allocat" in str(e).lower() or "out of" in str(e).lower()):
+            raise TrainError(f"out of memory while training ({str(e).splitlines()[0][:120]}); "
+                             "choose a smaller --batch-size or model.") from None
+        raise
+
+
+def _resume_state(run_dir: Path) -> dict:
+    """The validated last.pt of a run to resume, or a RunError that says why there is none."""
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is not a run directory; `--resume` takes a folder such as runs/<name>.")
+    if not (run_dir / "last.pt").is_file():
+        if (run_dir / "config.toml").is_file():
+            raise RunError(f"{run_dir} stopped before its first epoch ended, so there is nothing to resume; "
+                           "start it again with the same command.")
+        raise RunError(f"{run_dir} holds no last.pt to resume from.")
+    state = runs.load_checkpoint(run_dir / "last.pt", "last")
+    done = state["epoch"]
+    total = state["config"].get("epochs")
+    if isinstance(total, int) and done >= total and (run_dir / "summary.json").is_file():
+        raise RunError(f"{run_dir} has finished all its {total} epochs; there is nothing to resume.")
+    return state
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Splits, device: torch.device,
+         progress: bool, echo: Callable[[str], None], command: str, on_epoch: Callable[[dict], None] | None,
+         test: bool, t_start: float) -> Run:
+    epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
+    runs.write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
 
     torch.manual_seed(cfg.seed)
-    model = models.init_weights(build_model(cfg), cfg.init, cfg.init_std).to(device)
+    model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
     aug = data.Augment(cfg.flip, cfg.translate, cfg.erase)
     limit = DRY_RUN_BATCHES if cfg.dry_run else None
     train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=aug,
@@ -261,15 +211,21 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     best = {"val_acc": -1.0, "epoch": 0}
     start_epoch = 1
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        history, best = state["history"], state["best"]
-        neurons = {int(k): list(v) for k, v in state["neurons"].items()}
+        last = run_dir / "last.pt"
+        runs.load_state(model, state["model"], last)
+        try:
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            history, best = list(state["history"]), dict(state["best"])
+            neurons = {int(k): list(v) for k, v in state["neurons"].items()}
+        except (ValueError, KeyError, TypeError, RuntimeError):
+            raise RunError(f"{last} is damaged or foreign: its optimiser, schedule or history do not fit "
+                           "its configuration.") from None
         start_epoch = state["epoch"] + 1
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
-    _write_derived(run_dir, history, neurons)
+    runs.write_history(run_dir, history)
+    runs.write_neurons(run_dir, neurons)
 
     try:
         for epoch in range(start_epoch, epochs + 1):
@@ -281,9 +237,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
                 progress, desc=f"epoch {epoch}/{epochs}")
             val_loss, val_acc = evaluate(model, val_loader)
             if not (math.isfinite(tr_loss) and math.isfinite(val_loss)):
-                raise TrainError(
-                    f"training diverged at epoch {epoch} (loss is {tr_loss}); try a lower --lr. "
-                    f"The last good checkpoint is {run_dir / 'last.pt'}.")
+                last = f"The last good checkpoint is {run_dir / 'last.pt'}." if epoch > 1 else "No epoch was saved."
+                raise TrainError(f"training diverged at epoch {epoch} (loss is {tr_loss}); try a lower --lr. {last}")
             if sched is not None and not per_batch:
                 sched.step(val_loss) if cfg.schedule == "plateau" else sched.step()
             row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc, val_loss=val_loss,
@@ -294,31 +249,31 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
             cfg_dict = dataclasses.asdict(cfg)
             if val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "epoch": epoch}
-                _save({"model": model.state_dict(), "config": cfg_dict, "epoch": epoch, "val_acc": val_acc},
-                      run_dir / "best.pt")
-            _save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                   "scheduler": sched.state_dict() if sched is not None else {},
-                   "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
-                   "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
-                  run_dir / "last.pt")
-            _write_derived(run_dir, history, neurons)
+                runs.save_checkpoint({"model": model.state_dict(), "config": cfg_dict, "epoch": epoch,
+                                      "val_acc": val_acc}, run_dir / "best.pt")
+            runs.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict() if sched is not None else {},
+                                  "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
+                                  "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
+                                 run_dir / "last.pt")
+            runs.write_history(run_dir, history)
+            runs.write_neurons(run_dir, neurons)
             if tb is not None:
                 _log_tensorboard(tb, row, neurons)
             if on_epoch is not None:
                 on_epoch(row)
             echo(f"epoch {epoch:3d}/{epochs}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
                  f"val loss {val_loss:.4f} acc {val_acc:.4f}  {secs:.1f}s")
-    except KeyboardInterrupt:
-        raise Interrupted(run_dir) from None
     finally:
         if tb is not None:
             tb.close()
 
     # The test split, once, with the weights chosen on validation.
-    final_first_layer = _first_layer_pictures(model)
-    best_state = load_checkpoint(run_dir / "best.pt")
-    model.load_state_dict(best_state["model"])
+    final_model = model
+    model = runs.load_state(runs.build_model(cfg).to(device), runs.load_checkpoint(run_dir / "best.pt")["model"],
+                            run_dir / "best.pt")
     test_figures: dict[str, Any] = {}
+    test_probs = None
     if test:
         n_test = 2048 if cfg.dry_run else len(splits.test[1])
         test_split = (splits.test[0][:n_test], splits.test[1][:n_test])
@@ -332,60 +287,29 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         wall_seconds=round(time.perf_counter() - t_start, 2),
         train_samples_per_second=round(len(history) * images_per_epoch
                                        / max(sum(r["seconds"] for r in history), 1e-9)),
-        parameters=models.count_parameters(model), device=str(device), torch_version=torch.__version__,
-        seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
+        parameters=models.count_parameters(model), device=str(device), threads=torch.get_num_threads(),
+        torch_version=torch.__version__, seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
     )
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    runs.write_summary(run_dir, summary)
     if cfg.plots and test:
-        write_figures(run_dir, splits, test_probs, final_first_layer, is_conv(model))
+        from . import report
+
+        report.draw(run_dir, splits=splits, test_probs=test_probs, final_model=final_model)
     return Run(run_dir, summary, history)
 
 
-# ---------------------------------------------------------------- figures and TensorBoard
+# ---------------------------------------------------------------- TensorBoard
 
-def is_conv(model: nn.Module) -> bool:
-    return isinstance(models.first_layer(model), nn.Conv2d)
-
-
-def _first_layer_pictures(model: nn.Module) -> np.ndarray:
-    count = models.first_layer(model).weight.shape[0]
-    return models.neuron_weights(model, list(range(1, count + 1))).numpy()
-
-
-def write_figures(run_dir: Path, splits: data.Splits, test_probs: torch.Tensor, first_layer: np.ndarray,
-                  conv: bool) -> list[Path]:
-    """Every figure into run_dir/plots/ and report.html (matplotlib is imported only now)."""
-    from . import plots, report
-
-    n = len(test_probs)
-    paths = plots.plot_run(run_dir, splits.test[0][:n].numpy(), splits.test[1][:n].numpy(), test_probs.numpy(),
-                           splits.train[0].numpy(), splits.train[1].numpy(), first_layer, conv)
-    return [*paths, report.write(run_dir)]
-
-
-def plot_existing(run_dir: str | Path, data_dir: str | None = None, device: str = "auto") -> list[Path]:
-    """Figures and report of a finished run, recomputed from its files (`fmnist plot`)."""
-    run_dir = Path(run_dir)
-    missing = [f for f in ("best.pt", "last.pt", "history.jsonl", "summary.json", "neurons.npz")
-               if not (run_dir / f).is_file()]
-    if missing:
-        raise TrainError(f"{run_dir} is not a finished fmnist run (no {missing[0]}).")
-    model, cfg, _ = load_model(run_dir / "best.pt")
-    last = load_checkpoint(run_dir / "last.pt")
-    final = build_model(cfg)
-    final.load_state_dict(last["model"])
-    dev = pick_device(device)
-    splits = data.load(data_dir or cfg.data_dir or None, cfg.val_size, cfg.split_seed)
-    _, _, probs = evaluate(model.to(dev), data.BatchLoader(*splits.test, 1024, device=dev), return_predictions=True)
-    return write_figures(run_dir, splits, probs, _first_layer_pictures(final), is_conv(final))
-
-
-def _tensorboard(run_dir: Path):
+def _summary_writer() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TrainError("--tensorboard needs the tensorboard package: pip install 'fmnist[tensorboard]'.") from None
-    return SummaryWriter(str(run_dir / "tb"))
+    return SummaryWriter
+
+
+def _tensorboard(run_dir: Path):
+    return _summary_writer()(str(run_dir / "tb"))
 
 
 def _log_tensorboard(tb, row: dict, neurons: dict[int, list[torch.Tensor]]) -> None:
@@ -398,38 +322,3 @@ def _log_tensorboard(tb, row: dict, neurons: dict[int, list[torch.Tensor]]) -> N
         w = snaps[-1]
         tb.add_image(f"neuron_{k}", ((w / w.abs().max().clamp(min=1e-12) + 1) / 2)[None], e)  # 0.5 = zero weight
     tb.flush()
-
-
-# ---------------------------------------------------------------- evaluation of a saved model
-
-def load_model(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
-    """Model, config and checkpoint from a run directory (its best.pt) or a .pt file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-        if not path.is_file():
-            raise TrainError(f"{path.parent} is not a run directory (no best.pt).")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise TrainError(f"{path} is not an fmnist checkpoint.")
-    cfg = config_mod.from_dict(ckpt["config"], where=str(path))
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt
-
-
-def evaluate_checkpoint(path: str | Path, split: str = "test", data_dir: str | None = None,
-                        device: str = "auto") -> dict[str, Any]:
-    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split."""
-    model, cfg, ckpt = load_model(path)
-    dev = pick_device(device)
-    splits = data.load(data_dir or cfg.data_dir or None, cfg.val_size, cfg.split_seed)
-    x, y = splits.test if split == "test" else splits.val
-    loss, acc, probs = evaluate(model.to(dev), data.BatchLoader(x, y, 1024, device=dev), return_predictions=True)
-    pred = probs.argmax(1)
-    cm = torch.zeros(10, 10, dtype=torch.long)
-    cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
-    return dict(checkpoint=str(path), split=split, images=len(y), epoch=ckpt.get("epoch"),
-                accuracy=acc, loss=loss, per_class_accuracy=dict(zip(data.CLASSES, per_class)),
-                confusion_matrix=cm.tolist())

@@ -1,9 +1,9 @@
 """Hyperparameter search with Optuna, on one machine or many.
 
-    fmnist tune --trials 30 --epochs 8 --out tune/        # embedded storage: tune/study.journal
-    fmnist tune --storage postgresql://user@host/db ...   # many workers on many machines
+    fmnist tune --trials 30 --epochs 10 --out-dir tune/    # embedded storage: tune/study.journal
+    fmnist tune --storage postgresql://user@host/db ...    # many workers on many machines
 
-Every trial is an ordinary `train.fit` run (in <out>/trials/trial_<n>/) that
+Every trial is an ordinary `train.fit` run (in <out>/trials/<study>-trial_<n>/) that
 reports its validation accuracy after each epoch, so the pruner (median by
 default) stops poor trials early. The objective is the best validation
 accuracy; the test split is never touched while tuning.
@@ -15,6 +15,12 @@ the RDB storages have Optuna's heartbeat (a trial whose worker has not beaten
 for `grace` seconds is failed); the journal file has none, so every worker
 also records its host and process id on its trials, and a worker that starts
 or finishes a trial fails the RUNNING trials of dead processes of its host.
+A failed trial of a dead worker is queued again with the same parameters (as
+Optuna's RetryFailedTrialCallback does), and the worker that takes it up
+continues the run from that trial's last.pt instead of starting over.
+
+Workers on one machine share its cores: each trial takes its share of them
+(see distributed.cpu_share), or `--threads N`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import config as config_mod
-from . import data, train
+from . import data, runs, train
 from .config import ConfigError, TrainConfig
 
 # name -> a list (categorical choices) or {"low", "high", "log"?} (a float, or an int when both bounds are ints)
@@ -53,6 +59,9 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 
 
+MAX_RETRIES = 2  # a trial whose worker died is queued again at most this often
+
+
 class TuneError(RuntimeError):
     """A study that cannot be opened or run (unreachable storage, bad search space)."""
 
@@ -69,15 +78,22 @@ def load_space(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return space
     where = f"search space {path}"
-    for key, value in config_mod.read_toml(path).items():
+    for key, value in config_mod.read_toml(path, what="search space").items():
         if key not in DEFAULT_SPACE:
             raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(DEFAULT_SPACE)}.")
         if isinstance(value, dict):
             extra = set(value) - {"low", "high", "log"}
-            if extra or not {"low", "high"} <= set(value) or not value["low"] <= value["high"]:
-                raise ConfigError(f"{where}: '{key}' needs low <= high (and optionally log), got {value}.")
+            lo, hi = value.get("low"), value.get("high")
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+            if extra or not numbers or not lo <= hi or not isinstance(value.get("log", False), bool):
+                raise ConfigError(f"{where}: '{key}' needs numbers low <= high (and optionally log = true or "
+                                  f"false), got {value}.")
+            if value.get("log") and lo <= 0:
+                raise ConfigError(f"{where}: '{key}' has log = true, so low must be above 0, got {lo}.")
         elif isinstance(value, list) and not value:
             raise ConfigError(f"{where}: '{key}' has an empty list of choices.")
+        elif isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise ConfigError(f"{where}: the choices of '{key}' must be plain values, got {value}.")
         space[key] = value
     return space
 
@@ -98,7 +114,9 @@ def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     values = {k: v for k, v in params.items() if k in config_mod.FIELDS}
     widths = [int(params[f"width_{i}"]) for i in range(1, int(params["depth"]) + 1)]
     cfg = config_mod.from_dict({**values, "hidden": widths}, base, where="search space")
-    return replace(cfg, track_neurons=[k for k in cfg.track_neurons if k <= widths[0]]).validate()
+    if cfg.track_neurons is not None and cfg.model == "mlp":  # keep the neurons the first layer has
+        cfg = replace(cfg, track_neurons=[k for k in cfg.track_neurons if k <= widths[0]] or None)
+    return cfg.validate()
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
@@ -110,17 +128,26 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _ends(spec: Any) -> list[Any]:
+    """The values of a space entry that decide whether all of it is usable: choices, range ends, the fixed value."""
+    return list(spec) if isinstance(spec, list) else [spec["low"], spec["high"]] if isinstance(spec, dict) else [spec]
+
+
 def check_space(base: TrainConfig, space: dict[str, Any]) -> None:
-    """Every categorical choice and range end must make a valid config: fail before any training."""
+    """Every choice and range end must make a valid config: fail before a study or a trial exists."""
     for name, spec in space.items():
         if name in ("depth", "width"):
             continue
-        values = spec if isinstance(spec, list) else [spec["low"], spec["high"]] if isinstance(spec, dict) else [spec]
-        for v in values:
+        for v in _ends(spec):
             try:
                 config_mod.from_dict({name: v}, base, where="search space").validate()
             except ConfigError as e:
                 raise ConfigError(f"search space: {name} = {v!r} is not usable ({e})") from None
+    for name, low, high in (("depth", 1, config_mod.MAX_LAYERS), ("width", 1, config_mod.MAX_WIDTH)):
+        for v in _ends(space[name]):
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ConfigError(f"search space: {name} = {v!r} is not usable (a whole number from {low} "
+                                  f"to {high}).")
 
 
 # ---------------------------------------------------------------- storage and study
@@ -138,7 +165,8 @@ def open_storage(url: str | None, out: Path, heartbeat: int = 10) -> optuna.stor
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
-                                                      grace_period=3 * heartbeat)
+                                                      grace_period=3 * heartbeat,
+                                                      heartbeat_stale_trial_callback=retry_trial)
             except Exception as e:  # sqlalchemy/driver errors: unreachable host, bad credentials, no driver
                 # Workers starting together on a new database race to create Optuna's tables: the
                 # loser sees a duplicate-key error, and a second try finds the tables there.
@@ -147,10 +175,21 @@ def open_storage(url: str | None, out: Path, heartbeat: int = 10) -> optuna.stor
                     raise TuneError(f"cannot open the study storage {url}: {reason[:300]}.") from None
                 time.sleep(1 + attempt)
     path = Path(url) if url else out / "study.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    backend = optuna.storages.journal.JournalFileBackend(
-        str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
-    return optuna.storages.JournalStorage(backend)
+    if path.is_dir():
+        raise TuneError(f"the study storage {path} is a directory; give a journal file path or an RDB URL.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(
+            str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
+        return optuna.storages.JournalStorage(backend)
+    except Exception as e:  # a file that is not a journal, or a folder that cannot be made
+        raise TuneError(f"cannot open the study storage {path} as an Optuna journal file "
+                        f"({_first_line(e)}).") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -183,10 +222,20 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not _pid_alive(t.user_attrs["pid"]):
             try:
                 study.tell(t.number, state=TrialState.FAIL)
-                failed.append(t.number)
             except (ValueError, RuntimeError):  # another worker got there first
-                pass
+                continue
+            failed.append(t.number)
+            retry_trial(study, t)
     return failed
+
+
+def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a trial whose worker died again, with its parameters and the number of the run to continue."""
+    retries = trial.user_attrs.get("retries", 0)
+    if retries >= MAX_RETRIES:
+        return
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number),
+                                                  "retries": retries + 1})
 
 
 @dataclass
@@ -199,24 +248,45 @@ class TuneResult:
 
 
 def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: float | None = None,
-         study_name: str = "fmnist", storage: str | None = None, epochs: int = 8, seed: int = 0,
-         space_file: str | None = None, pruner: str = "median", heartbeat: int = 10, verbose: bool = False,
-         progress: bool = False) -> TuneResult:
-    """Run (or continue) a study; write best.toml and the study's figures into `out`."""
+         study_name: str = "fmnist", storage: str | None = None, space_file: str | None = None,
+         pruner: str = "median", heartbeat: int = 10, verbose: bool = False, progress: bool = False) -> TuneResult:
+    """Run (or continue) a study; write best.toml and the study's figures into `out`.
+
+    Each trial trains `base` (its epochs, seed and every field the space does
+    not set) with the parameters the sampler proposes.
+    """
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     if not verbose:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if trials is not None and not 1 <= trials <= 100_000:
+        raise ConfigError(f"--trials must be between 1 and 100000, got {trials}.")
+    if timeout is not None and not (timeout > 0 and timeout < float("inf")):
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {timeout}.")
+    if not 1 <= heartbeat <= 3600:
+        raise ConfigError(f"--heartbeat must be between 1 and 3600 seconds, got {heartbeat}.")
+    if not study_name or len(study_name) > 200:
+        raise ConfigError("--study needs a name of 1 to 200 characters.")
+    config_mod.check_name(f"{study_name}-trial_0")  # trial run directories are named after the study
     space = load_space(space_file)
-    base = replace(base, epochs=epochs, plots=False, tensorboard=False).validate()
+    base = replace(base, plots=False, tensorboard=False).validate()
     check_space(base, space)
-    data.locate(base.data_dir or None)  # no data: say so before a study is created
-    study = optuna.create_study(
-        storage=open_storage(storage, out, heartbeat), study_name=study_name, direction="maximize",
-        load_if_exists=True, pruner=make_pruner(pruner))
+    data.load(base.data_dir or None, base.val_size, base.split_seed)  # data problems: said before a study exists
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TuneError(f"cannot create the output directory {out}: {e.strerror or e}.") from None
+    try:
+        study = optuna.create_study(
+            storage=open_storage(storage, out, heartbeat), study_name=study_name, direction="maximize",
+            load_if_exists=True, pruner=make_pruner(pruner))
+    except (TuneError, ConfigError):
+        raise
+    except Exception as e:  # a storage that opened but cannot hold a study (a damaged journal, a foreign DB)
+        raise TuneError(f"cannot open study '{study_name}' in its storage ({_first_line(e)}).") from None
+    seed = base.seed
     # Seeded, but offset by the trials already there and by the process, so that a rerun or a
     # second worker on the same study does not propose the same points again.
     study.sampler = optuna.samplers.TPESampler(
@@ -227,7 +297,8 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         cfg = trial_config(base, suggest(trial, space))
-        cfg = replace(cfg, out_dir=str(out / "trials"), name=f"{study_name}-trial_{trial.number}")
+        number = trial.user_attrs.get("retry_of", trial.number)  # a retried trial continues its first run
+        cfg = replace(cfg, out_dir=str(out / "trials"), name=f"{study_name}-trial_{number}")
         trial.set_user_attr("config", config_mod.to_toml(cfg))
 
         def report(row: dict) -> None:
@@ -236,7 +307,12 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
                 raise optuna.TrialPruned()
 
         run_dir = Path(cfg.out_dir) / cfg.name
-        if run_dir.exists():  # left by a study of the same name in another storage: start clean
+        if "retry_of" in trial.user_attrs and (run_dir / "last.pt").is_file():
+            try:
+                return _continue(run_dir, trial, report)
+            except runs.RunError:  # its files are damaged: train it again from the start
+                pass
+        if run_dir.exists():  # left by a study of the same name in another storage, or damaged: start clean
             shutil.rmtree(run_dir)
         return train.fit(cfg, on_epoch=report, test=False).summary["best_val_accuracy"]
 
@@ -257,6 +333,15 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
     return TuneResult(study, best_cfg, best_toml, study_figures(study, out), reaped)
 
 
+def _continue(run_dir: Path, trial: optuna.Trial, report) -> float:
+    """Continue the run of a trial whose worker died: replay its epochs to the pruner, then train on."""
+    if (run_dir / "summary.json").is_file():  # it had finished; only the verdict was lost
+        return runs.read_summary(run_dir)["best_val_accuracy"]
+    for row in runs.read_history(run_dir):
+        trial.report(row["val_acc"], row["epoch"])
+    return train.fit(TrainConfig(), resume=run_dir, on_epoch=report, test=False).summary["best_val_accuracy"]
+
+
 def _best_value(study: optuna.Study) -> float | None:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return max(t.value for t in done) if done else None
@@ -272,7 +357,7 @@ def write_best(study: optuna.Study, out: Path) -> tuple[TrainConfig | None, Path
     path = out / "best.toml"
     header = (f"# Best trial {t.number} of study '{study.study_name}': validation accuracy {t.value:.4f}\n"
               f"# after {cfg.epochs} epochs. Reproduce it with: fmnist train --config {path}\n")
-    train.write_text(path, header + config_mod.to_toml(cfg))
+    runs.write_text(path, header + config_mod.to_toml(cfg))
     return cfg, path
 
 

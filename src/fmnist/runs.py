@@ -1,0 +1,348 @@
+"""The run directory, the one contract between fmnist's parts.
+
+    runs/<name>/  config.toml  history.jsonl  summary.json  best.pt  last.pt  neurons.npz  plots/  report.html
+
+This module owns its paths and names, atomic writes, checkpoint save and load
+(validated, weights only), reading and writing history, summary and neuron
+snapshots, and loading a model from a run. Everything a user can get wrong
+here (a damaged file, a foreign checkpoint, a name that is a path, a folder of
+their own files) is a RunError: one sentence that names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import config as config_mod
+from . import models
+from .config import ConfigError, TrainConfig
+from .data import FILE_MODE
+
+# What fmnist itself writes into a run directory before its first epoch ends: a folder holding only
+# these (and temp files) is a run that was stopped early, and may be started again.
+START_FILES = {"config.toml", "history.jsonl", "neurons.npz", "tb"}
+TEMP_GLOB = ".*.tmp"  # atomic_write's temp files; a killed process can leave them behind
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+class RunError(Exception):
+    """A run directory or file that cannot be used as asked: missing, damaged, foreign, or not fmnist's."""
+
+
+# ---------------------------------------------------------------- writing files
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; give the file the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def clean_temp(directory: Path) -> list[Path]:
+    """Remove temp files that a killed process left in a run directory (and its plots/)."""
+    left = [*directory.glob(TEMP_GLOB), *(directory / "plots").glob(TEMP_GLOB)]
+    for p in left:
+        p.unlink(missing_ok=True)
+    return left
+
+
+# ---------------------------------------------------------------- names and folders
+
+def default_name(cfg: TrainConfig) -> str:
+    return f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create(out_dir: str | Path, name: str) -> tuple[Path, bool]:
+    """The directory for a new run, out_dir/name, and whether this call created it.
+
+    A name is one plain path component (never '..', '/', or absolute). fmnist
+    writes only into a new or empty directory, or into one of its own runs that
+    stopped before its first epoch ended; it refuses a finished or resumable run
+    (use --resume) and any other non-empty directory.
+    """
+    config_mod.check_name(name)
+    run_dir = Path(out_dir) / name
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
+        return run_dir, True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RunError(f"cannot create the run directory {run_dir}: {e.strerror or e}; "
+                       "choose another --out-dir.") from None
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} exists and is not a directory; choose another --name.")
+    if (run_dir / "last.pt").exists():
+        raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name.")
+    entries = {p.name for p in run_dir.iterdir() if not p.match(TEMP_GLOB)}
+    if entries and not (entries <= START_FILES and _is_fmnist_config(run_dir / "config.toml")):
+        raise RunError(f"{run_dir} is not empty and is not an fmnist run; choose another --name or --out-dir.")
+    clean_temp(run_dir)
+    return run_dir, False
+
+
+def _is_fmnist_config(path: Path) -> bool:
+    try:
+        config_mod.load(path)
+        return True
+    except ConfigError:
+        return False
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Delete what fmnist wrote for a run stopped before its first epoch ended (nothing there can be resumed)."""
+    for name in START_FILES:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    clean_temp(run_dir)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # not empty: something else is in there, leave it
+
+
+# ---------------------------------------------------------------- resolving a config
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """A checked config with the model's defaults filled in; raises ConfigError or ModelError.
+
+    Every check that needs no data happens here, before anything is written:
+    field ranges, the model's name and its own arguments, the init, the tracked
+    neurons against the first layer's size, and the model's memory.
+    """
+    cfg.validate()
+    if cfg.init not in models.INITS:
+        raise ConfigError(f"unknown init '{cfg.init}'; known: {', '.join(models.INITS)}.")
+    if cfg.activation is not None and cfg.activation not in models.ACTIVATIONS:
+        raise ConfigError(f"unknown activation '{cfg.activation}'; known: {', '.join(models.ACTIVATIONS)}.")
+    kw = models.resolve_kwargs(cfg.model, cfg.model_kwargs())
+    cfg = dataclasses.replace(cfg, **{k: kw.get(k) for k in config_mod.MODEL_FIELDS})
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = models.create(cfg.model, **cfg.model_kwargs())
+    width = models.first_layer(model).weight.shape[0]
+    if cfg.track_neurons is None:
+        cfg = dataclasses.replace(cfg, track_neurons=[n for n in models.default_track(cfg.model) if n <= width] or [1])
+    bad = [n for n in cfg.track_neurons if n > width]
+    if bad:
+        raise ConfigError(f"cannot track neuron {bad[0]}: the first layer of this {cfg.model} has neurons 1..{width}; "
+                          "choose --track-neurons from that range.")
+    if cfg.batch_size == 1 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise ConfigError("batch norm cannot train on batches of one image; use --batch-size 2 or more, "
+                          "or --no-batch-norm.")
+    params = models.count_parameters(model)
+    need = 16 * params  # float32 weights, gradients and two optimiser moments
+    if need > _memory_bytes():
+        raise ConfigError(f"this {cfg.model} has {params:,} parameters and needs about {need / 2**30:.0f} GiB to "
+                          "train, more than this machine has; choose smaller --hidden or --channels.")
+    return cfg
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 1 << 62
+
+
+def data_dir_for(saved: str, given: str | None) -> str | None:
+    """Where a saved run's data is looked for now: --data-dir, else FMNIST_DATA, else the saved place, else search.
+
+    Where the data lives is not part of a run's identity: a run can be resumed,
+    evaluated or plotted from anywhere.
+    """
+    if given:
+        return given
+    if os.environ.get("FMNIST_DATA"):
+        return None  # data.locate reads it
+    return saved or None
+
+
+# ---------------------------------------------------------------- checkpoints
+
+# what each kind of checkpoint holds: key -> type
+_LAST = {"model": dict, "optimizer": dict, "scheduler": dict, "config": dict, "epoch": int, "history": list,
+         "best": dict, "neurons": dict}
+_BEST = {"model": dict, "config": dict, "epoch": int}
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def load_checkpoint(path: str | Path, kind: str = "best") -> dict:
+    """A checkpoint of `kind` ("best": weights and config; "last": everything a resume needs), validated.
+
+    Loaded with weights_only=True: a file that would run code is refused, not run.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"checkpoint {path} does not exist.") from None
+    except IsADirectoryError:
+        raise RunError(f"{path} is a directory, not a checkpoint.") from None
+    except Exception as e:  # a damaged or foreign file: say which
+        raise RunError(f"{path} is not a readable fmnist checkpoint ({type(e).__name__}).") from None
+    wanted = _LAST if kind == "last" else _BEST
+    if not isinstance(ckpt, dict):
+        raise RunError(f"{path} is not an fmnist checkpoint.")
+    for key, typ in wanted.items():
+        if not isinstance(ckpt.get(key), typ):
+            what = "a last.pt that a run can resume from" if kind == "last" else "an fmnist checkpoint"
+            raise RunError(f"{path} is not {what} (its '{key}' is missing or wrong).")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: Path) -> TrainConfig:
+    """The resolved config saved in a checkpoint."""
+    try:
+        return resolve(config_mod.from_dict(ckpt["config"], where=str(path)))
+    except (ConfigError, models.ModelError) as e:
+        raise RunError(f"{path} holds a configuration fmnist cannot use: {e}") from None
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    return models.create(cfg.model, **cfg.model_kwargs())
+
+
+def load_state(model: nn.Module, state: dict, path: Path) -> nn.Module:
+    """model.load_state_dict(state), or a RunError saying that the weights do not fit the config."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, KeyError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"the weights in {path} do not match its configuration ({first[:160]}).") from None
+    return model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
+    """Model (eval mode, CPU), config and checkpoint from a run directory (its best.pt) or a .pt file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+        if not path.is_file():
+            raise RunError(f"{path.parent} is not a run directory (no best.pt).")
+    elif not path.exists():
+        raise RunError(f"{path} does not exist.")
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    model = load_state(build_model(cfg), ckpt["model"], path)
+    return model.eval(), cfg, ckpt
+
+
+# ---------------------------------------------------------------- history, summary, neurons
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """history.jsonl: one dict per epoch with every HISTORY_KEYS number; RunError if damaged."""
+    path = Path(run_dir) / "history.jsonl"
+    rows = []
+    for i, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise RunError(f"{path} is damaged: line {i} is not JSON.") from None
+        if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in HISTORY_KEYS):
+            raise RunError(f"{path} is damaged: line {i} lacks the numbers {', '.join(HISTORY_KEYS)}.")
+        rows.append(row)
+    return rows
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    write_json(Path(run_dir) / "summary.json", summary)
+
+
+def read_summary(run_dir: Path, need: tuple[str, ...] = ("best_val_accuracy", "best_epoch", "epochs")) -> dict:
+    """summary.json as a dict holding at least the numbers `need`; RunError if damaged."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(_read(path))
+    except json.JSONDecodeError:
+        raise RunError(f"{path} is damaged (not JSON); `fmnist train --resume` or a new run rewrites it.") from None
+    if not isinstance(summary, dict) or not all(_is_number(summary.get(k)) for k in need):
+        raise RunError(f"{path} is damaged: it lacks {', '.join(need)}.")
+    return summary
+
+
+def write_neurons(run_dir: Path, neurons: dict[int, list[torch.Tensor]]) -> None:
+    """neurons.npz: neuron_<k> (epochs + 1, h, w) for each tracked neuron k, and `epochs` (0, 1, ...)."""
+    arrays = {f"neuron_{k}": torch.stack(v).numpy() for k, v in neurons.items()}
+    arrays["epochs"] = np.arange(len(next(iter(neurons.values())))) if neurons else np.zeros(0)
+
+    def save_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
+            np.savez(f, **arrays)
+
+    atomic_write(Path(run_dir) / "neurons.npz", save_npz)
+
+
+def read_neurons(run_dir: Path) -> dict[int, np.ndarray]:
+    """Tracked neuron k -> its snapshots (epochs + 1, h, w); RunError if neurons.npz is damaged."""
+    path = Path(run_dir) / "neurons.npz"
+    if not path.is_file():
+        raise RunError(f"{path} does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {int(k.split("_", 1)[1]): z[k] for k in z.files if k.startswith("neuron_")}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise RunError(f"{path} is damaged ({type(e).__name__}).") from None
+    if any(a.ndim != 3 or not np.isfinite(a).all() for a in out.values()):
+        raise RunError(f"{path} is damaged: a neuron's snapshots are not a finite (epochs, h, w) array.")
+    return out
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    try:
+        return config_mod.load(Path(run_dir) / "config.toml")
+    except ConfigError as e:
+        raise RunError(f"{run_dir} is not a usable run: {e}") from None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}).") from None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
