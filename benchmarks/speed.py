@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tutorial_baseline as tut  # noqa: E402
 
-from fmnist import data, models, train  # noqa: E402
+from fmnist import data, distributed, evaluate, models, runs, train  # noqa: E402
 from fmnist.config import TrainConfig  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def race(cfg, splits, model0, epochs: int, target: float, seed: int) -> tuple[Co
     tr_loader, va_loader = tut.loaders(splits)
     torch.manual_seed(seed)
 
-    fast = Contender("fmnist", fast_epoch, lambda: train.evaluate(fast_model, val)[1])
+    fast = Contender("fmnist", fast_epoch, lambda: evaluate.evaluate(fast_model, val)[1])
     base = Contender("tutorial", lambda e: tut.train_epoch(tut_model, tr_loader, tut_opt),
                      lambda: tut.val_accuracy(tut_model, va_loader))
     # Epochs alternate, so both pipelines see the same machine (a VM's speed drifts over a minute).
@@ -89,12 +89,16 @@ def main() -> int:
     p.add_argument("--data-dir")
     args = p.parse_args()
 
-    train.use_all_cores()
-    cfg = TrainConfig()
+    with distributed.cpu_share():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = runs.resolve(TrainConfig())
     splits = data.load(args.data_dir, cfg.val_size, cfg.split_seed)
     n_train = len(splits.train[1])
     torch.manual_seed(0)
-    model0 = models.init_weights(train.build_model(cfg), cfg.init)
+    model0 = models.init_weights(runs.build_model(cfg), cfg.init)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {cfg.model} {cfg.hidden}, "
           f"{cfg.optimizer} lr {cfg.lr}; fast path batch {cfg.batch_size}, baseline batch 64")
 
