@@ -135,3 +135,12 @@ def test_download_real_files_recompressed(real_dir, tmp_path):
     with Server(files) as s:
         dest = data.download(tmp_path / "dl", base_url=s.url, progress=False, backoff=0)
     assert all(data.verify(dest).values())
+
+
+def test_download_replaces_a_damaged_file_in_its_destination(synthetic_server, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b damaged")  # what the error message advised fixing
+    data.download(dest, base_url=synthetic_server.url, progress=False, backoff=0)
+    assert data.read_idx(dest / "train-labels-idx1-ubyte.gz").shape == (600,)
+    assert all(data.verify(dest).values())

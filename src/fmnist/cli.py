@@ -13,10 +13,13 @@ rest load inside main(), where an interrupt is caught too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -372,10 +375,48 @@ def _interrupted(args: argparse.Namespace | None, exc: BaseException) -> str:
     return "fmnist: interrupted"
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block ends, then raises KeyboardInterrupt.
+
+    Imports are not safe to interrupt: a KeyboardInterrupt inside numpy's or
+    torch's import can be swallowed and leave a half-imported module that fails
+    later with an unrelated traceback (seen here with numpy at 0.5 s).
+    """
+    hit: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda sig, frame: hit.append(sig))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def _preload(args: argparse.Namespace) -> None:
+    """Import what the command will need, all at once, while Ctrl-C waits."""
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+    from . import data, distributed, evaluate, models, runs, train  # noqa: F401
+
+    if args.command == "tune":
+        import optuna  # noqa: F401
+    if args.command in ("plot", "compare-init", "tune") or getattr(args, "samples", None) or (
+            args.command == "train" and getattr(args, "plots", True)):
+        from . import plots  # noqa: F401 (matplotlib)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        with interrupts_deferred():
+            _preload(args)
         return args.func(args)
     except KeyboardInterrupt as e:
         print(_interrupted(args, e), file=sys.stderr)
