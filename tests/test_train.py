@@ -190,3 +190,28 @@ def test_real_data_two_epochs_learn(real_dir, tmp_path):
     run = train.fit(cfg)
     assert run.summary["test_accuracy"] > 0.84
     assert run.summary["epochs"] == 2
+
+
+def test_cores_are_shared_among_running_trainings():
+    with distributed.cpu_share() as alone:
+        assert alone == distributed.cores()
+        with distributed.cpu_share() as second:  # a second training on this machine
+            assert second == max(1, distributed.cores() // 2)
+    with distributed.cpu_share(3) as asked:
+        assert asked == 3 and torch.get_num_threads() == 3
+
+
+def test_resume_keeps_the_thread_count(tiny_dir, tmp_path):
+    if distributed.cores() < 2:
+        pytest.skip("needs 2 cores for the automatic thread count to change")
+    whole = train.fit(tiny_config(tiny_dir, tmp_path, name="whole", epochs=3))
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(train.Interrupted):
+        train.fit(tiny_config(tiny_dir, tmp_path, name="cut", epochs=3), on_epoch=stop)
+    with distributed.cpu_share(), distributed.cpu_share():  # others run beside it: auto would take fewer threads
+        resumed = train.fit(TrainConfig(), resume=tmp_path / "cut")
+    assert resumed.summary["threads"] == whole.summary["threads"]
+    assert_same_weights(weights(whole.dir), weights(resumed.dir))

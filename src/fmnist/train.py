@@ -8,7 +8,8 @@ end `best.pt` is reloaded and evaluated once on the test split.
 Every random draw of epoch e depends only on (seed, e), and `last.pt` holds
 everything else (weights, optimiser, schedule, history, snapshots), so a run
 killed at any moment and resumed ends with the same weights as one that never
-stopped (on the CPU, with the same number of threads).
+stopped (on the CPU: last.pt also keeps the number of threads, since float
+sums split over another number of threads round differently).
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         cfg = dataclasses.replace(cfg, name=run_dir.name)
     else:
         runs.clean_temp(run_dir)
-    share = distributed.cpu_share(cfg.threads) if device.type == "cpu" else contextlib.nullcontext()
+    # Float sums split over another number of threads round differently: a resumed run keeps its thread count.
+    threads = cfg.threads or (state or {}).get("threads", 0)
+    share = distributed.cpu_share(threads) if device.type == "cpu" else contextlib.nullcontext()
     try:
         with share:
             return _fit(cfg, run_dir, state, splits, device, progress, echo, command, on_epoch, test, t_start)
@@ -254,6 +257,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
             runs.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict() if sched is not None else {},
                                   "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
+                                  "threads": torch.get_num_threads() if device.type == "cpu" else 0,
                                   "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
                                  run_dir / "last.pt")
             runs.write_history(run_dir, history)
