@@ -40,7 +40,7 @@ SEED_MAX = 2**32 - 1  # numpy's and most tools' seed range; seed * 1_000_003 + e
 MAX_WIDTH = 65_536  # neurons of one hidden layer; a wider layer would not fit a laptop's memory
 MAX_LAYERS = 32
 MAX_CHANNELS = 4_096
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")  # a run name: one path component, no '..'
+NAME_RE = re.compile(r"[^\W_][\w.+=-]{0,99}")  # a run name: one path component (letters of any script), no '..'
 
 
 class ConfigError(ValueError):
@@ -163,6 +163,8 @@ class TrainConfig:
                 raise ConfigError(f"track_neurons lists a neuron twice: {self.track_neurons}.")
         if self.name:
             check_name(self.name)
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir must name a directory (it is empty).")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -178,7 +180,8 @@ def _at_least(cfg: TrainConfig, low: int, *names: str) -> None:
 
 def check_name(name: str) -> str:
     """A run name is one plain path component: letters, digits and . _ + = -, at most 100 characters."""
-    if not NAME_RE.fullmatch(name):
+    # \w also matches letters and digits of other scripts (café, 学習); never '/', '\\', ':' or a leading '.'.
+    if not NAME_RE.fullmatch(name) or len(name.encode("utf-8", "replace")) > 200:  # file systems allow 255 bytes
         raise ConfigError(f"run name '{name[:120]}' is not a plain name: use letters, digits and . _ + = - "
                           "(at most 100 characters, no '/', not starting with '.').")
     return name

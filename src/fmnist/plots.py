@@ -1,6 +1,8 @@
 """Every figure of a run, with matplotlib (Agg backend, imported here only).
 
-    plot_run("runs/mlp-...")  # writes runs/<name>/plots/*.png, *.gif
+    plot_run(run_dir, history, summary, neurons, ...)  # arrays in, runs/<name>/plots/*.png, *.gif out
+
+report.draw(run_dir) gathers those arrays from a run directory and its data.
 
 Figures: curves.png (loss, accuracy, learning rate), samples.png (a row of
 training images per class), neuron_<k>.png and .gif (a tracked neuron's

@@ -269,7 +269,9 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
         raise ConfigError(f"--heartbeat must be between 1 and 3600 seconds, got {heartbeat}.")
     if not study_name or len(study_name) > 200:
         raise ConfigError("--study needs a name of 1 to 200 characters.")
-    config_mod.check_name(f"{study_name}-trial_0")  # trial run directories are named after the study
+    if not config_mod.NAME_RE.fullmatch(f"{study_name}-trial_0"):  # trial run directories are named after it
+        raise ConfigError(f"--study '{study_name[:120]}' cannot name trial folders: use letters, digits and "
+                          ". _ + = - (no '/', not starting with '.').")
     space = load_space(space_file)
     base = replace(base, plots=False, tensorboard=False).validate()
     check_space(base, space)
