@@ -104,8 +104,8 @@ def test_tune_continues_a_study_and_best_config_reproduces(tiny_dir, tmp_path):
 
 def test_tune_never_touches_the_test_split(tiny_dir, tmp_path):
     base = TrainConfig(data_dir=str(tiny_dir), hidden=[64], batch_size=64, val_size=100, device="cpu")
-    result = tune.tune(replace(base, epochs=1), tmp_path, trials=2, study_name="t")
-    for run in (tmp_path / "trials").iterdir():
+    result = tune.tune(replace(base, epochs=1), tmp_path / "out", trials=2, study_name="t")
+    for run in (tmp_path / "out" / "trials").iterdir():
         summary = json.loads((run / "summary.json").read_text())
         assert "test_accuracy" not in summary
     assert result.best_toml is not None
@@ -113,7 +113,7 @@ def test_tune_never_touches_the_test_split(tiny_dir, tmp_path):
 
 def test_pruner_reports_every_epoch(tiny_dir, tmp_path):
     base = TrainConfig(data_dir=str(tiny_dir), hidden=[64], batch_size=64, val_size=100, device="cpu")
-    result = tune.tune(replace(base, epochs=3), tmp_path, trials=2, study_name="p")
+    result = tune.tune(replace(base, epochs=3), tmp_path / "out", trials=2, study_name="p")
     for t in result.study.trials:
         assert sorted(t.intermediate_values) == [1, 2, 3]
         assert t.value == max(t.intermediate_values.values())
@@ -123,11 +123,11 @@ def test_space_file_overrides_and_fixes(tiny_dir, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('optimizer = ["sgd"]\nlr = {low = 0.01, high = 0.02}\ndepth = 2\nwidth = [64]\ndropout = 0.0\n')
     base = TrainConfig(data_dir=str(tiny_dir), batch_size=64, val_size=100, device="cpu")
-    result = tune.tune(replace(base, epochs=1), tmp_path, trials=2, study_name="sp", space_file=str(space))
+    result = tune.tune(replace(base, epochs=1), tmp_path / "out", trials=2, study_name="sp", space_file=str(space))
     for t in result.study.trials:
         assert t.params["optimizer"] == "sgd" and 0.01 <= t.params["lr"] <= 0.02
         assert "dropout" not in t.params  # fixed, not searched
-    best = config.load(tmp_path / "best.toml")
+    best = config.load(tmp_path / "out" / "best.toml")
     assert best.hidden == [64, 64] and best.optimizer == "sgd" and best.dropout == 0.0
 
 
@@ -154,7 +154,7 @@ def test_unreachable_storage_exit_2(tmp_path):
 def test_two_workers_in_parallel_share_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
     args = ["tune", "--trials", "2", "--epochs", "1", "--study", "s", "--storage", str(path),
-            "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir), *SMALL]
+            "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir), *SMALL]
     workers = [start_worker(*args) for _ in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=300)
@@ -172,7 +172,7 @@ def kill_mid_trial(storage, args: list[str], tmp_path: Path) -> None:
     hist = None
     try:
         while time.time() < deadline:
-            found = list((tmp_path / "trials").glob("*/history.jsonl"))
+            found = list((tmp_path / "out" / "trials").glob("*/history.jsonl"))
             if found and len(found[0].read_text().splitlines()) >= 2:
                 hist = found[0]
                 break
@@ -202,7 +202,7 @@ def kill_mid_trial(storage, args: list[str], tmp_path: Path) -> None:
 
 def test_killed_worker_on_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
-    args = ["tune", "--study", "s", "--storage", str(path), "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir),
+    args = ["tune", "--study", "s", "--storage", str(path), "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir),
             *SMALL]
     kill_mid_trial(journal(path), args, tmp_path)
 
@@ -261,7 +261,7 @@ def postgres_url():
 
 def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path):
     args = ["tune", "--trials", "2", "--epochs", "1", "--study", "par", "--storage", postgres_url,
-            "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir), *SMALL]
+            "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir), *SMALL]
     workers = [start_worker(*args) for _ in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=300)
@@ -273,6 +273,6 @@ def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path)
 
 
 def test_killed_worker_on_postgresql(postgres_url, tiny_dir, tmp_path):
-    args = ["tune", "--study", "s", "--storage", postgres_url, "--out-dir", str(tmp_path), "--data-dir", str(tiny_dir),
+    args = ["tune", "--study", "s", "--storage", postgres_url, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir),
             *SMALL]
     kill_mid_trial(postgres_url, args, tmp_path)

@@ -227,7 +227,18 @@ CASES: dict[str, Callable[[Env], tuple[list[str], tuple[str, ...]]]] = {
     "config that does not match the weights": _evaluate_mismatch,
     "tune storage is a directory": lambda e: (_tune(e, "--storage", str(e.tiny)), ("directory",)),
     "tune storage is a garbage file": lambda e: (_tune(e, "--storage", _toml(e, "j.log", b"\x00garbage\n{")),
-                                                 ("storage",)),
+                                                 ("j.log", "not an Optuna journal")),
+    "tune storage is a user's file": lambda e: (_tune(e, "--storage", _toml(e, "notes.txt", "my notes\n")),
+                                                ("notes.txt", "will not write")),
+    "tune out-dir of user files": lambda e: (_tune(e, "--out-dir", str(e.cwd)), ("not empty",)),
+    "samples over a user's picture": lambda e: ((e.cwd / "holiday.png").write_bytes(b"\x89PNG mine") and [
+        "data", "--data-dir", str(e.tiny), "--samples", str(e.cwd / "holiday.png")], ("already exists",)),
+    "cosine min lr above lr": lambda e: (e.train("--schedule", "cosine", "--lr", "1e-3", "--min-lr", "0.5"),
+                                         ("min_lr",)),
+    "mirror without download": lambda e: (["data", "--data-dir", str(e.tiny), "--mirror", "http://127.0.0.1:9/"],
+                                          ("--download",)),
+    "empty preset": lambda e: (e.train("--preset", ""), ("--preset",)),
+    "empty data dir": lambda e: (e.train("--data-dir", ""), ("--data-dir",)),
     "tune space log with low 0": lambda e: (_tune(e, "--space", _toml(e, "s.toml", "lr = {low = 0.0, high = 0.1, "
                                                                                    "log = true}\n")), ("log",)),
     "tune space depth 0": lambda e: (_tune(e, "--space", _toml(e, "s.toml", "depth = 0\n")), ("depth",)),
@@ -327,12 +338,24 @@ def test_real_epoch_of_settings_that_used_to_crash(argv, real_dir, tmp_path, cap
 def test_a_stopped_unstarted_run_may_be_started_again(tiny_dir, tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    (run_dir / "config.toml").write_text("epochs = 2\n")  # what an early-stopped run leaves
-    (run_dir / ".last.pt.abc.tmp").write_bytes(b"half")
+    runs.write_config(run_dir, TrainConfig(epochs=2))  # what an early-stopped run leaves
+    (run_dir / f".last.pt.abc{runs.TEMP_GLOB[2:]}").write_bytes(b"half")
     cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name="r", hidden=[32], epochs=1,
                       batch_size=64, val_size=100, device="cpu", plots=False)
     run = train.fit(cfg)
-    assert (run.dir / "last.pt").is_file() and not list(run.dir.glob(".*.tmp"))
+    assert (run.dir / "last.pt").is_file() and not list(run.dir.glob(runs.TEMP_GLOB))
+
+
+def test_a_user_folder_that_looks_like_a_config_is_not_a_run(tiny_dir, tmp_path):
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    (mine / "config.toml").write_text("epochs = 3\n")  # a user's own file, valid TOML of fmnist's keys
+    (mine / ".draft.tmp").write_text("my draft\n")
+    cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name="exp", hidden=[32], epochs=1,
+                      batch_size=64, val_size=100, device="cpu", plots=False)
+    with pytest.raises(runs.RunError, match="not an fmnist run"):
+        train.fit(cfg)
+    assert (mine / "config.toml").read_text() == "epochs = 3\n" and (mine / ".draft.tmp").is_file()
 
 
 # ---------------------------------------------------------------- class 6: interrupts
@@ -344,8 +367,9 @@ def _slow_args(tiny_dir: Path, out: Path) -> list[str]:
 
 
 def _fmnist(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fmnist", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """A real `fmnist` process that takes Ctrl-C as a terminal user's would (CI may start us with SIGINT ignored)."""
+    return subprocess.Popen([sys.executable, "-m", "fmnist", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tiny_dir, tmp_path):
@@ -387,10 +411,10 @@ def test_ctrl_c_during_the_test_phase_says_how_to_resume(tiny_dir, tmp_path, mon
         train.fit(cfg)
     assert e.value.resumable
     monkeypatch.setattr(runs, "load_checkpoint", real)
-    (tmp_path / "r" / ".summary.json.x.tmp").write_text("{")  # a temp file a killed process left
+    (tmp_path / "r" / f".summary.json.x{runs.TEMP_GLOB[2:]}").write_text("{")  # a temp file a killed process left
     run = train.fit(TrainConfig(), resume=tmp_path / "r")
     assert "test_accuracy" in run.summary and len(run.history) == 2
-    assert not list((tmp_path / "r").glob(".*.tmp"))
+    assert not list((tmp_path / "r").glob(runs.TEMP_GLOB))
 
 
 def test_interrupt_hints(tmp_path):

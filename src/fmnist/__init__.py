@@ -9,7 +9,9 @@ def main() -> int:
     import sys
 
     hit: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda sig, frame: hit.append(sig))  # see cli.interrupts_deferred
+    old = signal.getsignal(signal.SIGINT)
+    if old is not signal.SIG_IGN:  # see cli.interrupts_deferred
+        signal.signal(signal.SIGINT, lambda sig, frame: hit.append(sig))
     try:
         from .cli import main as cli_main
     finally:

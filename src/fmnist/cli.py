@@ -80,13 +80,19 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = None) -> TrainConfig:
     """Defaults < --preset < --config < flags; a flag in `refuse` (field -> why) is an error, not ignored."""
     flags = given_fields(args)
+    for name, value in flags.items():
+        if value == "" and name != "name":
+            raise ConfigError(f"--{name.replace('_', '-')} was given an empty value.")
+    for flag in ("preset", "config"):
+        if getattr(args, flag) == "":
+            raise ConfigError(f"--{flag} was given an empty value.")
     for name, why in (refuse or {}).items():
         if name in flags:
             raise ConfigError(f"{args.command} does not take --{name.replace('_', '-')}: {why}.")
     cfg = TrainConfig()
-    if args.preset:
+    if args.preset is not None:
         cfg = config_mod.preset(args.preset, cfg)
-    if args.config:
+    if args.config is not None:
         cfg = config_mod.load(args.config, cfg)
     return config_mod.from_dict(flags, cfg, where="flags").validate()
 
@@ -156,13 +162,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import data
+    from . import data, runs
 
-    if args.samples and Path(args.samples).suffix.lower() not in FIGURE_FORMATS:
+    if args.mirror is not None and not args.download:
+        raise ConfigError("--mirror says where to download from; add --download (nothing else uses it).")
+    if args.samples is not None and Path(args.samples).suffix.lower() not in FIGURE_FORMATS:
         raise ConfigError(f"--samples {args.samples}: the file name must end in one of {', '.join(FIGURE_FORMATS)}.")
     downloaded = None
     if args.download:
-        downloaded = data.download(args.data_dir, base_url=args.mirror, progress=_progress(args))
+        mirror = args.mirror or os.environ.get("FMNIST_MIRROR") or OFFICIAL_URL
+        downloaded = data.download(args.data_dir, base_url=mirror, progress=_progress(args))
     directory = data.locate(args.data_dir)
     checks = data.verify(directory)
     splits = {s: data.load_split(directory, s) for s in ("train", "test")}
@@ -173,7 +182,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.samples:
         from . import plots
 
-        samples = plots.samples(*splits["train"], Path(args.samples))
+        samples = plots.samples(*splits["train"], runs.overwritable(Path(args.samples), runs.made_by_fmnist))
     if args.json:
         _print_json({"directory": str(directory.resolve()), "downloaded": downloaded is not None,
                      "verified": checks, "counts": {s: c.tolist() for s, c in counts.items()},
@@ -317,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir",
                    help="directory with the IDX files (default: search); with --download, where to put them")
     d.add_argument("--download", action="store_true", help="fetch the four files into the user cache (or --data-dir)")
-    d.add_argument("--mirror", default=os.environ.get("FMNIST_MIRROR", OFFICIAL_URL),
+    d.add_argument("--mirror",
                    help="base URL to download from (default: the official location, or $FMNIST_MIRROR)")
     d.add_argument("--samples", metavar="FILE.png", help="also write a grid of training images, a row per class")
     common(d)
@@ -384,6 +393,9 @@ def interrupts_deferred() -> Iterator[None]:
     later with an unrelated traceback (seen here with numpy at 0.5 s).
     """
     hit: list[int] = []
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # whoever started us asked for Ctrl-C to be ignored
+        yield
+        return
     try:
         old = signal.signal(signal.SIGINT, lambda sig, frame: hit.append(sig))
     except ValueError:  # not the main thread: signals are not ours to handle

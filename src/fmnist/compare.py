@@ -35,10 +35,10 @@ def parse_inits(text: str) -> list[str]:
 def compare_init(base: TrainConfig, inits: list[str], seeds: int, out: str | Path,
                  echo: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict:
     """Train every init x seed (reusing finished runs) and summarise; returns the results dict."""
-    out = Path(out)
     if not 1 <= seeds <= 1000:
         raise ConfigError(f"--seeds must be between 1 and 1000, got {seeds}.")
     base = runs.resolve(replace(base, plots=False, out_dir=str(out)))
+    out = runs.claim_output_dir(out, "compare-init")
     if base.seed + seeds - 1 > config_mod.SEED_MAX:
         raise ConfigError(f"seeds {base.seed}..{base.seed + seeds - 1} go past the largest seed, "
                           f"{config_mod.SEED_MAX}.")
@@ -63,7 +63,7 @@ def compare_init(base: TrainConfig, inits: list[str], seeds: int, out: str | Pat
             if summary is None:
                 echo(f"{cfg.name}: training")
                 summary = train.fit(cfg, progress=progress).summary
-            history = runs.read_history(run_dir)
+            history = runs.read_history(run_dir, at_least=1)
             per_seed.append({"seed": seed, "summary": summary,
                              "val_acc": [r["val_acc"] for r in history],
                              "val_loss": [r["val_loss"] for r in history],

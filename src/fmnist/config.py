@@ -131,6 +131,8 @@ class TrainConfig:
         for name in ("weight_decay", "min_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.schedule in ("plateau", "cosine") and self.min_lr >= self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be below lr ({self.lr}) for the {self.schedule} schedule.")
         if self.init_std <= 0:
             raise ConfigError(f"init_std must be positive, got {self.init_std}.")
         if not 0 < self.plateau_factor < 1:

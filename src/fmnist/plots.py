@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from . import __version__  # noqa: E402
 from .data import CLASSES  # noqa: E402
 from .runs import atomic_write  # noqa: E402
 
@@ -35,7 +36,9 @@ def save_figure(fig, path: Path) -> Path:
     """Save atomically (temp file + rename) and close the figure."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".")))
+        fmt = path.suffix.lstrip(".").lower()
+        meta = {"Software": f"fmnist {__version__}"} if fmt == "png" else {}  # how fmnist knows its own files
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt, metadata=meta))
         return path
     finally:
         plt.close(fig)
@@ -93,8 +96,13 @@ def samples(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int =
     """A grid of real images: one row per class, labelled with the class name."""
     images, labels = np.asarray(images), np.asarray(labels)
     rng = np.random.default_rng(seed)
-    rows = [images[rng.choice(np.flatnonzero(labels == c), per_class, replace=False)] for c in range(10)]
-    mosaic = tile(np.concatenate(rows).astype(np.float32), per_class, gap=2, fill=0)
+    blank = np.zeros((1, 28, 28), dtype=np.float32)  # a class with fewer images than per_class: empty cells
+    rows = []
+    for c in range(10):
+        mine = np.flatnonzero(labels == c)
+        picked = images[rng.choice(mine, min(per_class, len(mine)), replace=False)].astype(np.float32)
+        rows.append(np.concatenate([picked, np.repeat(blank, per_class - len(picked), axis=0)]))
+    mosaic = tile(np.concatenate(rows), per_class, gap=2, fill=0)
     fig, ax = plt.subplots(figsize=(per_class * 0.75 + 1.6, 8.4))
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     ax.set_yticks([c * 30 + 14 for c in range(10)], [f"{c}  {name}" for c, name in enumerate(CLASSES)])

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +36,12 @@ from .data import FILE_MODE
 # What fmnist itself writes into a run directory before its first epoch ends: a folder holding only
 # these (and temp files) is a run that was stopped early, and may be started again.
 START_FILES = {"config.toml", "history.jsonl", "neurons.npz", "tb"}
-TEMP_GLOB = ".*.tmp"  # atomic_write's temp files; a killed process can leave them behind
+TEMP_GLOB = ".*.fmnist-tmp"  # atomic_write's temp files; a killed process can leave them behind
+CONFIG_HEADER = "# fmnist run configuration (train again with: fmnist train --config this-file)\n"
+OUTPUT_MARKER = ".fmnist"  # in a folder that compare-init or tune writes into: which of them made it
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+SUMMARY_NUMBERS = ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "epochs", "wall_seconds",
+                   "train_samples_per_second", "parameters", "threads", "seed")
 
 
 class RunError(Exception):
@@ -47,7 +52,7 @@ class RunError(Exception):
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".fmnist-tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -104,17 +109,69 @@ def create(out_dir: str | Path, name: str) -> tuple[Path, bool]:
     if (run_dir / "last.pt").exists():
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name.")
     entries = {p.name for p in run_dir.iterdir() if not p.match(TEMP_GLOB)}
-    if entries and not (entries <= START_FILES and _is_fmnist_config(run_dir / "config.toml")):
+    if entries and not (entries <= START_FILES and is_run_config(run_dir / "config.toml")):
         raise RunError(f"{run_dir} is not empty and is not an fmnist run; choose another --name or --out-dir.")
     clean_temp(run_dir)
     return run_dir, False
 
 
-def _is_fmnist_config(path: Path) -> bool:
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is a config.toml that fmnist wrote for a run (its first line says so)."""
     try:
-        config_mod.load(path)
-        return True
-    except ConfigError:
+        with open(path, encoding="utf-8") as f:
+            return f.readline() == CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    write_text(run_dir / "config.toml", CONFIG_HEADER + config_mod.to_toml(cfg))
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether a folder is one of fmnist's runs (started, stopped, or finished)."""
+    return (run_dir / "last.pt").is_file() or is_run_config(run_dir / "config.toml")
+
+
+def claim_output_dir(path: str | Path, kind: str, legacy: tuple[str, ...] = ()) -> Path:
+    """The folder that compare-init or tune (`kind`) writes into: new, empty, or one that `kind` made before.
+
+    A folder of other files is refused rather than written over; `legacy` names
+    files that mark a folder made before the marker existed.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the output directory {path}: {e.strerror or e}; choose another --out-dir.") \
+            from None
+    marker = path / OUTPUT_MARKER
+    if marker.is_file():
+        made_by = marker.read_text(encoding="utf-8", errors="replace").strip()
+        if made_by != kind:
+            raise RunError(f"{path} holds the output of fmnist {made_by}, not of {kind}; choose another --out-dir.")
+        return path
+    if any(path.iterdir()) and not any((path / f).is_file() for f in legacy):
+        raise RunError(f"{path} is not empty and holds no fmnist {kind} output; choose another --out-dir.")
+    write_text(marker, kind + "\n")
+    return path
+
+
+def overwritable(path: Path, ours: Callable[[Path], bool]) -> Path:
+    """`path`, unless it is an existing file that fmnist did not write (which is never overwritten)."""
+    if path.exists() and not (path.is_file() and ours(path)):
+        raise RunError(f"{path} already exists and was not written by fmnist; choose another name or move it away.")
+    return path
+
+
+def made_by_fmnist(path: Path) -> bool:
+    """A PNG whose Software field names fmnist (every figure fmnist saves carries it)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")).startswith("fmnist")
+    except Exception:  # not an image PIL can open: not ours
         return False
 
 
@@ -198,7 +255,10 @@ _BEST = {"model": dict, "config": dict, "epoch": int}
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
+    try:
+        atomic_write(path, lambda p: torch.save(obj, p))
+    except RuntimeError as e:  # torch reports a failed write (a full disk, a vanished folder) this way
+        raise RunError(f"cannot write {path} ({str(e).strip().splitlines()[0][:100]}); is the disk full?") from None
 
 
 def load_checkpoint(path: str | Path, kind: str = "best") -> dict:
@@ -208,7 +268,9 @@ def load_checkpoint(path: str | Path, kind: str = "best") -> dict:
     """
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RunError(f"checkpoint {path} does not exist.") from None
     except IsADirectoryError:
@@ -259,6 +321,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
     model = load_state(build_model(cfg), ckpt["model"], path)
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise RunError(f"{path} holds weights that are not finite numbers (NaN or infinity): it cannot classify.")
     return model.eval(), cfg, ckpt
 
 
@@ -268,8 +332,8 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
-def read_history(run_dir: Path) -> list[dict]:
-    """history.jsonl: one dict per epoch with every HISTORY_KEYS number; RunError if damaged."""
+def read_history(run_dir: Path, at_least: int = 0) -> list[dict]:
+    """history.jsonl: one dict per epoch with every HISTORY_KEYS number; RunError if damaged or shorter."""
     path = Path(run_dir) / "history.jsonl"
     rows = []
     for i, line in enumerate(_read(path).splitlines(), 1):
@@ -282,6 +346,8 @@ def read_history(run_dir: Path) -> list[dict]:
         if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in HISTORY_KEYS):
             raise RunError(f"{path} is damaged: line {i} lacks the numbers {', '.join(HISTORY_KEYS)}.")
         rows.append(row)
+    if len(rows) < at_least:
+        raise RunError(f"{path} is damaged: it holds {len(rows)} epochs.")
     return rows
 
 
@@ -298,6 +364,9 @@ def read_summary(run_dir: Path, need: tuple[str, ...] = ("best_val_accuracy", "b
         raise RunError(f"{path} is damaged (not JSON); `fmnist train --resume` or a new run rewrites it.") from None
     if not isinstance(summary, dict) or not all(_is_number(summary.get(k)) for k in need):
         raise RunError(f"{path} is damaged: it lacks {', '.join(need)}.")
+    wrong = [k for k in SUMMARY_NUMBERS if k in summary and not _is_number(summary[k])]
+    if wrong:
+        raise RunError(f"{path} is damaged: its '{wrong[0]}' is not a number.")
     return summary
 
 
@@ -323,7 +392,7 @@ def read_neurons(run_dir: Path) -> dict[int, np.ndarray]:
             out = {int(k.split("_", 1)[1]): z[k] for k in z.files if k.startswith("neuron_")}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise RunError(f"{path} is damaged ({type(e).__name__}).") from None
-    if any(a.ndim != 3 or not np.isfinite(a).all() for a in out.values()):
+    if any(a.ndim != 3 or 0 in a.shape or not np.isfinite(a).all() for a in out.values()):
         raise RunError(f"{path} is damaged: a neuron's snapshots are not a finite (epochs, h, w) array.")
     return out
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config as config_mod
 from . import data, distributed, models, runs
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -196,7 +195,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
          progress: bool, echo: Callable[[str], None], command: str, on_epoch: Callable[[dict], None] | None,
          test: bool, t_start: float) -> Run:
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    runs.write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
+    runs.write_config(run_dir, cfg)
 
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)

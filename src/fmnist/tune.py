@@ -25,6 +25,7 @@ Workers on one machine share its cores: each trial takes its share of them
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -38,7 +39,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import config as config_mod
-from . import data, runs, train
+from . import data, models, runs, train
 from .config import ConfigError, TrainConfig
 
 # name -> a list (categorical choices) or {"low", "high", "log"?} (a float, or an int when both bounds are ints)
@@ -134,14 +135,19 @@ def _ends(spec: Any) -> list[Any]:
 
 
 def check_space(base: TrainConfig, space: dict[str, Any]) -> None:
-    """Every choice and range end must make a valid config: fail before a study or a trial exists."""
+    """Every choice and range end must make a valid config: fail before a study or a trial exists.
+
+    (A combination of usable values can still be unusable, such as the widest
+    layers at the largest depth; such a trial fails with its reason, and the
+    study goes on.)
+    """
     for name, spec in space.items():
         if name in ("depth", "width"):
             continue
         for v in _ends(spec):
             try:
-                config_mod.from_dict({name: v}, base, where="search space").validate()
-            except ConfigError as e:
+                runs.resolve(config_mod.from_dict({name: v}, base, where="search space"))
+            except (ConfigError, models.ModelError) as e:
                 raise ConfigError(f"search space: {name} = {v!r} is not usable ({e})") from None
     for name, low, high in (("depth", 1, config_mod.MAX_LAYERS), ("width", 1, config_mod.MAX_WIDTH)):
         for v in _ends(space[name]):
@@ -177,6 +183,9 @@ def open_storage(url: str | None, out: Path, heartbeat: int = 10) -> optuna.stor
     path = Path(url) if url else out / "study.journal"
     if path.is_dir():
         raise TuneError(f"the study storage {path} is a directory; give a journal file path or an RDB URL.")
+    if not _is_journal(path):
+        raise TuneError(f"{path} is not an Optuna journal file, and fmnist will not write into it; "
+                        "give a new file name or an RDB URL.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         backend = optuna.storages.journal.JournalFileBackend(
@@ -185,6 +194,23 @@ def open_storage(url: str | None, out: Path, heartbeat: int = 10) -> optuna.stor
     except Exception as e:  # a file that is not a journal, or a folder that cannot be made
         raise TuneError(f"cannot open the study storage {path} as an Optuna journal file "
                         f"({_first_line(e)}).") from None
+
+
+def _is_journal(path: Path) -> bool:
+    """A missing or empty file, or one whose first line is a journal record (JSON with an op_code)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True  # unreadable: let the journal backend say why
+    if not first:
+        return True
+    try:
+        return "op_code" in json.loads(first)
+    except (ValueError, TypeError):
+        return False
 
 
 def _first_line(e: BaseException) -> str:
@@ -276,10 +302,7 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
     base = replace(base, plots=False, tensorboard=False).validate()
     check_space(base, space)
     data.load(base.data_dir or None, base.val_size, base.split_seed)  # data problems: said before a study exists
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TuneError(f"cannot create the output directory {out}: {e.strerror or e}.") from None
+    out = runs.claim_output_dir(out, "tune", legacy=("study.journal",))
     try:
         study = optuna.create_study(
             storage=open_storage(storage, out, heartbeat), study_name=study_name, direction="maximize",
@@ -315,6 +338,9 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
             except runs.RunError:  # its files are damaged: train it again from the start
                 pass
         if run_dir.exists():  # left by a study of the same name in another storage, or damaged: start clean
+            if not runs.is_run(run_dir):
+                raise TuneError(f"{run_dir} is not an fmnist run, and trial {trial.number} needs that folder; "
+                                "choose another --out-dir or --study.")
             shutil.rmtree(run_dir)
         return train.fit(cfg, on_epoch=report, test=False).summary["best_val_accuracy"]
 
@@ -327,7 +353,9 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
         bar.set_postfix_str(f"best val {best:.4f}" if best is not None else "")
 
     try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(train.TrainError,),
+        # A trial that diverges, or whose combination of values cannot be trained, fails; the study goes on.
+        study.optimize(objective, n_trials=trials, timeout=timeout,
+                       catch=(train.TrainError, ConfigError, models.ModelError),
                        callbacks=[after_trial])
     finally:
         bar.close()
