@@ -202,8 +202,8 @@ def kill_mid_trial(storage, args: list[str], tmp_path: Path) -> None:
 
 def test_killed_worker_on_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
-    args = ["tune", "--study", "s", "--storage", str(path), "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir),
-            *SMALL]
+    args = ["tune", "--study", "s", "--storage", str(path), "--out-dir", str(tmp_path / "out"),
+            "--data-dir", str(tiny_dir), *SMALL]
     kill_mid_trial(journal(path), args, tmp_path)
 
 
@@ -273,6 +273,6 @@ def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path)
 
 
 def test_killed_worker_on_postgresql(postgres_url, tiny_dir, tmp_path):
-    args = ["tune", "--study", "s", "--storage", postgres_url, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir),
-            *SMALL]
+    args = ["tune", "--study", "s", "--storage", postgres_url, "--out-dir", str(tmp_path / "out"),
+            "--data-dir", str(tiny_dir), *SMALL]
     kill_mid_trial(postgres_url, args, tmp_path)
