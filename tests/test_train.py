@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -110,7 +111,8 @@ def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tm
 def test_killed_process_resumes_to_the_same_weights(tiny_dir, tmp_path):
     """SIGKILL a real `fmnist train` at an arbitrary moment, resume it, compare with an unbroken run."""
     args = ["--data-dir", str(tiny_dir), "--hidden", "64,16", "--epochs", "40", "--batch-size", "32",
-            "--val-size", "100", "--device", "cpu", "--no-plots", "--quiet", "--dropout", "0.1", "--erase", "0.2"]
+            "--val-size", "100", "--device", "cpu", "--no-plots", "--quiet", "--dropout", "0.1", "--erase", "0.2",
+            "--threads", "1"]  # both runs alike, whatever else runs on this machine
     cmd = [sys.executable, "-m", "fmnist", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + args + ["--out-dir", str(tmp_path / "whole"), "--name", "r"], check=True, env=env)
@@ -204,14 +206,17 @@ def test_cores_are_shared_among_running_trainings():
 def test_resume_keeps_the_thread_count(tiny_dir, tmp_path):
     if distributed.cores() < 2:
         pytest.skip("needs 2 cores for the automatic thread count to change")
-    whole = train.fit(tiny_config(tiny_dir, tmp_path, name="whole", epochs=3))
-
     def stop(row):
         raise KeyboardInterrupt
 
     with pytest.raises(train.Interrupted):
         train.fit(tiny_config(tiny_dir, tmp_path, name="cut", epochs=3), on_epoch=stop)
-    with distributed.cpu_share(), distributed.cpu_share():  # others run beside it: auto would take fewer threads
+    threads = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["threads"]
+    whole = train.fit(tiny_config(tiny_dir, tmp_path, name="whole", epochs=3, threads=threads))
+    claims = max(distributed.cores(), 2) + 1  # so many others run beside it that auto would take 1 thread
+    with contextlib.ExitStack() as stack:
+        for _ in range(claims):
+            stack.enter_context(distributed.cpu_share())
         resumed = train.fit(TrainConfig(), resume=tmp_path / "cut")
-    assert resumed.summary["threads"] == whole.summary["threads"]
+    assert resumed.summary["threads"] == threads
     assert_same_weights(weights(whole.dir), weights(resumed.dir))
