@@ -136,3 +136,16 @@ def test_real_three_epoch_run_leaves_every_figure(real_dir, tmp_path):
     text = (run / "report.html").read_text()
     for s in re.findall(r'src="([^"]+)"', text):
         assert (run / s).is_file()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".pdf", ".svg"])
+def test_samples_in_every_format_even_with_few_images_per_class(tmp_path, suffix):
+    from conftest import synthetic
+
+    from fmnist import plots, runs
+
+    images, labels = synthetic(25, 0)  # two or three images per class: fewer than a row holds
+    labels[labels == 9] = 8  # and one class with none at all
+    path = plots.samples(images, labels, tmp_path / f"s{suffix}")
+    assert path.stat().st_size > 1000
+    assert runs.made_by_fmnist(path) == (suffix == ".png")  # PNGs carry fmnist's name; others are not overwritten

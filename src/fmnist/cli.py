@@ -249,8 +249,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     counts = {s: states.count(s) for s in ("complete", "pruned", "fail", "running", "waiting") if s in states}
     best = study.best_trial if result.best_toml is not None else None
+    failures = {t.number: t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs}
     if args.json:
-        _print_json({"study": study.study_name, "trials": len(states), "states": counts,
+        _print_json({"study": study.study_name, "trials": len(states), "states": counts, "failures": failures,
                      "reaped": result.reaped, "best_trial": best.number if best else None,
                      "best_value": best.value if best else None, "best_params": best.params if best else None,
                      "config": str(result.best_toml) if best else None, "figures": [str(f) for f in result.figures]})
@@ -258,6 +259,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"study '{study.study_name}': {len(states)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
     if result.reaped:
         print(f"marked failed (their worker had died) and queued again: trials {', '.join(map(str, result.reaped))}")
+    for number, why in list(failures.items())[-5:]:
+        print(f"trial {number} failed: {why}")
     if best is None:
         print("no trial has completed yet")
         return 0
@@ -374,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(args: argparse.Namespace | None, exc: BaseException) -> str:
     """What to say after Ctrl-C: how to continue, where anything can be continued."""
     run_dir, resumable = getattr(exc, "run_dir", None), getattr(exc, "resumable", False)
+    if run_dir is not None and getattr(exc, "drawing", False):
+        return ("fmnist: interrupted while drawing the figures; the run is complete: draw them with "
+                f"fmnist plot {run_dir}")
     if run_dir is not None and resumable:
         return f"fmnist: interrupted; continue with: fmnist train --resume {run_dir}"
     if run_dir is not None:

@@ -38,7 +38,8 @@ def save_figure(fig, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fmt = path.suffix.lstrip(".").lower()
         meta = {"Software": f"fmnist {__version__}"} if fmt == "png" else {}  # how fmnist knows its own files
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt, metadata=meta))
+        kw = {"metadata": meta} if meta else {}  # JPEG takes no metadata at all, not even an empty dict
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt, **kw))
         return path
     finally:
         plt.close(fig)

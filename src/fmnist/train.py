@@ -39,11 +39,14 @@ class TrainError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training; `resumable` says whether `run_dir` holds a last.pt to continue from."""
+    """Ctrl-C during training; `resumable` says whether `run_dir` holds a last.pt to continue from.
 
-    def __init__(self, run_dir: Path, resumable: bool):
+    `drawing`: the run had finished (summary.json written) and only its figures were being drawn.
+    """
+
+    def __init__(self, run_dir: Path, resumable: bool, drawing: bool = False):
         super().__init__(str(run_dir))
-        self.run_dir, self.resumable = run_dir, resumable
+        self.run_dir, self.resumable, self.drawing = run_dir, resumable, drawing
 
 
 DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
@@ -147,6 +150,9 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         data_at = cfg.data_dir or None
     device = distributed.pick_device(cfg.device)
     splits = data.load(data_at, cfg.val_size, cfg.split_seed)
+    if state is not None and state.get("data", splits.digest) != splits.digest:
+        raise RunError(f"{splits.directory} does not hold the data that {run_dir} was trained on (the files differ); "
+                       "point --data-dir at that data.")
     if cfg.tensorboard:
         _summary_writer()  # a missing package is said before anything is written
     created = False
@@ -162,6 +168,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         with share:
             return _fit(cfg, run_dir, state, splits, device, progress, echo, command, on_epoch, test, t_start)
     except KeyboardInterrupt:
+        if (run_dir / "summary.json").is_file() and not (run_dir / "report.html").is_file() and cfg.plots:
+            raise Interrupted(run_dir, resumable=False, drawing=True) from None
         if (run_dir / "last.pt").is_file():
             raise Interrupted(run_dir, resumable=True) from None
         if resume is None:  # stopped before its first epoch ended: leave no half-started run behind
@@ -252,10 +260,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
             if val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "epoch": epoch}
                 runs.save_checkpoint({"model": model.state_dict(), "config": cfg_dict, "epoch": epoch,
-                                      "val_acc": val_acc}, run_dir / "best.pt")
+                                      "val_acc": val_acc, "data": splits.digest}, run_dir / "best.pt")
             runs.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict() if sched is not None else {},
                                   "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
+                                  "data": splits.digest,
                                   "threads": torch.get_num_threads() if device.type == "cpu" else 0,
                                   "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
                                  run_dir / "last.pt")

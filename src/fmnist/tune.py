@@ -284,7 +284,8 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
     from tqdm import tqdm
 
     out = Path(out)
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    # Optuna logs a failed trial with its traceback; fmnist says why in one line instead (see TuneResult.failed).
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     if not verbose:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if trials is not None and not 1 <= trials <= 100_000:
@@ -311,6 +312,12 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
         raise
     except Exception as e:  # a storage that opened but cannot hold a study (a damaged journal, a foreign DB)
         raise TuneError(f"cannot open study '{study_name}' in its storage ({_first_line(e)}).") from None
+    saved = study.user_attrs.get("space")
+    if saved is None:
+        study.set_user_attr("space", space)
+    elif json.dumps(saved, sort_keys=True) != json.dumps(json.loads(json.dumps(space)), sort_keys=True):
+        raise TuneError(f"study '{study_name}' searches another space than this one; rerun it with the --space it "
+                        "was created with, or start a new --study.")
     seed = base.seed
     # Seeded, but offset by the trials already there and by the process, so that a rerun or a
     # second worker on the same study does not propose the same points again.
@@ -342,7 +349,11 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
                 raise TuneError(f"{run_dir} is not an fmnist run, and trial {trial.number} needs that folder; "
                                 "choose another --out-dir or --study.")
             shutil.rmtree(run_dir)
-        return train.fit(cfg, on_epoch=report, test=False).summary["best_val_accuracy"]
+        try:
+            return train.fit(cfg, on_epoch=report, test=False).summary["best_val_accuracy"]
+        except (train.TrainError, ConfigError, models.ModelError) as e:
+            trial.set_user_attr("error", " ".join(str(e).split()))  # the trial fails; the study goes on
+            raise
 
     bar = tqdm(total=trials, unit="trial", desc=f"study {study_name}", disable=not progress)
 
