@@ -175,6 +175,25 @@ def _resume_on_other_data(env: Env):
     return ["train", "--resume", str(env.tmp / "runs" / "r"), "--data-dir", str(other)], ("does not hold the data",)
 
 
+def _foreign_last(env: Env):
+    def stop(row):
+        raise KeyboardInterrupt
+
+    for name, hidden in (("r", [32]), ("other", [16])):
+        cfg = TrainConfig(data_dir=str(env.tiny), out_dir=str(env.tmp / "runs"), name=name, hidden=hidden, epochs=3,
+                          batch_size=64, val_size=100, device="cpu", plots=False)
+        with pytest.raises(train.Interrupted):
+            train.fit(cfg, on_epoch=stop)
+    shutil.copy(env.tmp / "runs" / "other" / "last.pt", env.tmp / "runs" / "r" / "last.pt")
+    return ["train", "--resume", str(env.tmp / "runs" / "r")], ("best.pt and last.pt", "different runs")
+
+
+def _run_in_use(env: Env):
+    _, _, held = runs.create(env.out, "r")  # another process is training into out/r
+    env.held = held
+    return env.train(), ("in use by another fmnist process",)
+
+
 def _tune_other_space(env: Env):
     first = _toml(env, "a.toml", "depth = 1\n")
     assert cli.main(_tune(env, "--space", first, "--dry-run")) == 0
@@ -267,6 +286,9 @@ CASES: dict[str, Callable[[Env], tuple[list[str], tuple[str, ...]]]] = {
     "a test split of zero images": _empty_test,
     "validation takes every image": lambda e: (e.train("--val-size", "600"), ("val-size", "600")),
     "resume on other data": _resume_on_other_data,
+    "resume with another run's last.pt": _foreign_last,
+    "a run another process is training": _run_in_use,
+    "an abbreviated flag": lambda e: (["train", "--epoch", "3"], ("--epoch",)),
     "tune rerun with another space": _tune_other_space,
     # 5. paths
     "name climbs out": lambda e: (e.train("--name", "../../x"), ("not a plain name",)),
@@ -319,7 +341,7 @@ def test_user_error_is_one_sentence(case, tiny_dir, tmp_path, capsys, monkeypatc
     assert not changed and not gone, (changed, gone)  # the user's files, data and earlier runs are intact
     new = [p for p in after if p not in before]
     assert all(p == "out" or p.startswith("out/") for p in new), new  # nothing outside --out-dir
-    assert not [p for p in new if p.startswith("out/r")], new  # and no run was started for a refused command
+    assert not [p for p in new if p.startswith("out/r/")], new  # and no run was started for a refused command
 
 
 # ---------------------------------------------------------------- class 2: legitimate settings that crashed
@@ -458,10 +480,24 @@ def test_ctrl_c_while_drawing_says_the_run_is_complete(tiny_dir, tmp_path, monke
 
 
 def test_interrupt_hints(tmp_path):
+    import argparse
+
     resumable = train.Interrupted(tmp_path / "r", resumable=True)
     assert f"--resume {tmp_path / 'r'}" in cli._interrupted(None, resumable)
     fresh = train.Interrupted(tmp_path / "r", resumable=False)
     assert "--resume" not in cli._interrupted(None, fresh)
+    for command in ("tune", "compare-init"):  # a trial or a seed's run is continued by rerunning the command
+        hint = cli._interrupted(argparse.Namespace(hint=(command, None)), resumable)
+        assert "--resume" not in hint and f"run the same command again to continue the {command}" in hint
+
+
+def test_a_runs_config_trains_it_again_into_a_new_run(tiny_dir, tmp_path, capsys):
+    run = Env(tmp_path, tiny_dir).finished_run()
+    code = cli.main(["train", "--config", str(run / "config.toml"), "--out-dir", str(tmp_path / "again"), "--quiet",
+                     "--json", "--no-plots"])
+    assert code == 0, capsys.readouterr().err
+    again = json.loads(capsys.readouterr().out)
+    assert again["best_val_accuracy"] == runs.read_summary(run)["best_val_accuracy"]  # the same model, retrained
 
 
 # ---------------------------------------------------------------- class 7: where the data is now

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -299,9 +300,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fmnist", description="Train, understand, tune and evaluate Fashion-MNIST classifiers.")
+    p = _Parser(prog="fmnist", description="Train, understand, tune and evaluate Fashion-MNIST classifiers.",
+                allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"fmnist {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # `--epoch` is not `--epochs`
     saved_data_help = "directory with the four IDX files (default: $FMNIST_DATA, else where the run found them)"
     device_help = "auto, cpu, cuda or mps (default: auto)"
 
@@ -377,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(args: argparse.Namespace | None, exc: BaseException) -> str:
     """What to say after Ctrl-C: how to continue, where anything can be continued."""
     run_dir, resumable = getattr(exc, "run_dir", None), getattr(exc, "resumable", False)
+    command = getattr(args, "hint", (None, None))[0] if args is not None else None
+    if command in ("compare-init", "tune"):  # their runs are continued by the command, not by `train --resume`
+        return f"fmnist: interrupted; run the same command again to continue the {command} where it stopped"
     if run_dir is not None and getattr(exc, "drawing", False):
         return ("fmnist: interrupted while drawing the figures; the run is complete: draw them with "
                 f"fmnist plot {run_dir}")
@@ -384,9 +390,6 @@ def _interrupted(args: argparse.Namespace | None, exc: BaseException) -> str:
         return f"fmnist: interrupted; continue with: fmnist train --resume {run_dir}"
     if run_dir is not None:
         return "fmnist: interrupted before the first epoch ended; nothing was kept, run the same command again"
-    command = getattr(args, "hint", (None, None))[0] if args is not None else None
-    if command in ("compare-init", "tune"):
-        return f"fmnist: interrupted; run the same command again to continue the {command} where it stopped"
     return "fmnist: interrupted"
 
 
@@ -437,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             _preload(args)
         return args.func(args)
     except KeyboardInterrupt as e:
+        if argv is None:  # the real command (not a caller in Python): a second Ctrl-C must not break the way out
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(_interrupted(args, e), file=sys.stderr)
         return 130
     except BrokenPipeError:

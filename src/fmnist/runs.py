@@ -35,7 +35,8 @@ from .data import FILE_MODE
 
 # What fmnist itself writes into a run directory before its first epoch ends: a folder holding only
 # these (and temp files) is a run that was stopped early, and may be started again.
-START_FILES = {"config.toml", "history.jsonl", "neurons.npz", "tb"}
+LOCK_FILE = ".fmnist-lock"  # held (flock) by the one process training in a run directory
+START_FILES = {"config.toml", "history.jsonl", "neurons.npz", "tb", LOCK_FILE}
 TEMP_GLOB = ".*.fmnist-tmp"  # atomic_write's temp files; a killed process can leave them behind
 CONFIG_HEADER = "# fmnist run configuration (train again with: fmnist train --config this-file)\n"
 OUTPUT_MARKER = ".fmnist"  # in a folder that compare-init or tune writes into: which of them made it
@@ -85,20 +86,21 @@ def default_name(cfg: TrainConfig) -> str:
     return f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def create(out_dir: str | Path, name: str) -> tuple[Path, bool]:
-    """The directory for a new run, out_dir/name, and whether this call created it.
+def create(out_dir: str | Path, name: str) -> tuple[Path, bool, Any]:
+    """The directory for a new run, out_dir/name, whether this call created it, and its lock (see `lock`).
 
     A name is one plain path component (never '..', '/', or absolute). fmnist
     writes only into a new or empty directory, or into one of its own runs that
     stopped before its first epoch ended; it refuses a finished or resumable run
-    (use --resume) and any other non-empty directory.
+    (use --resume), a run another process is training, and any other non-empty
+    directory.
     """
     config_mod.check_name(name)
     run_dir = Path(out_dir) / name
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         run_dir.mkdir()
-        return run_dir, True
+        return run_dir, True, lock(run_dir)
     except FileExistsError:
         pass
     except OSError as e:
@@ -108,11 +110,36 @@ def create(out_dir: str | Path, name: str) -> tuple[Path, bool]:
         raise RunError(f"{run_dir} exists and is not a directory; choose another --name.")
     if (run_dir / "last.pt").exists():
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name.")
-    entries = {p.name for p in run_dir.iterdir() if not p.match(TEMP_GLOB)}
+    entries = {p.name for p in run_dir.iterdir() if not p.match(TEMP_GLOB)} - {LOCK_FILE}
     if entries and not (entries <= START_FILES and is_run_config(run_dir / "config.toml")):
         raise RunError(f"{run_dir} is not empty and is not an fmnist run; choose another --name or --out-dir.")
-    clean_temp(run_dir)
-    return run_dir, False
+    held = lock(run_dir)
+    clean_temp(run_dir)  # only now: the temp files cannot be another live process's
+    return run_dir, False, held
+
+
+def lock(run_dir: Path):
+    """An exclusive lock on a run directory for as long as the returned file stays open (None without flock).
+
+    Two processes that train into one folder would overwrite each other's
+    checkpoints; the second is refused instead. The lock goes with its process,
+    however that process ends.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock here (Windows): no protection against a second process
+        return None
+    try:
+        f = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (the open file is the lock)
+    except OSError as e:
+        raise RunError(f"cannot write into {run_dir}: {e.strerror or e}.") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunError(f"{run_dir} is in use by another fmnist process; wait for it, or choose another --name.") \
+            from None
+    return f
 
 
 def is_run_config(path: Path) -> bool:
@@ -125,7 +152,9 @@ def is_run_config(path: Path) -> bool:
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    write_text(run_dir / "config.toml", CONFIG_HEADER + config_mod.to_toml(cfg))
+    """config.toml: the resolved config without its name (the folder is the name), so that
+    `fmnist train --config RUN/config.toml` trains the same model again into a new run."""
+    write_text(run_dir / "config.toml", CONFIG_HEADER + config_mod.to_toml(dataclasses.replace(cfg, name="")))
 
 
 def is_run(run_dir: Path) -> bool:

@@ -157,9 +157,10 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         _summary_writer()  # a missing package is said before anything is written
     created = False
     if resume is None:
-        run_dir, created = runs.create(cfg.out_dir, cfg.name or runs.default_name(cfg))
+        run_dir, created, held = runs.create(cfg.out_dir, cfg.name or runs.default_name(cfg))
         cfg = dataclasses.replace(cfg, name=run_dir.name)
     else:
+        held = runs.lock(run_dir)
         runs.clean_temp(run_dir)
     # Float sums split over another number of threads round differently: a resumed run keeps its thread count.
     threads = cfg.threads or (state or {}).get("threads", 0)
@@ -180,6 +181,9 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
             raise TrainError(f"out of memory while training ({str(e).splitlines()[0][:120]}); "
                              "choose a smaller --batch-size or model.") from None
         raise
+    finally:
+        if held is not None:
+            held.close()  # the run directory is free for the next process
 
 
 def _resume_state(run_dir: Path) -> dict:
@@ -192,6 +196,11 @@ def _resume_state(run_dir: Path) -> dict:
                            "start it again with the same command.")
         raise RunError(f"{run_dir} holds no last.pt to resume from.")
     state = runs.load_checkpoint(run_dir / "last.pt", "last")
+    if (run_dir / "best.pt").is_file():
+        best = runs.load_checkpoint(run_dir / "best.pt")
+        if runs.checkpoint_config(best, run_dir / "best.pt").identity() != \
+                runs.checkpoint_config(state, run_dir / "last.pt").identity():
+            raise RunError(f"{run_dir}: best.pt and last.pt come from different runs, so it cannot be resumed.")
     done = state["epoch"]
     total = state["config"].get("epochs")
     if isinstance(total, int) and done >= total and (run_dir / "summary.json").is_file():
@@ -203,8 +212,6 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
          progress: bool, echo: Callable[[str], None], command: str, on_epoch: Callable[[dict], None] | None,
          test: bool, t_start: float) -> Run:
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    runs.write_config(run_dir, cfg)
-
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
     aug = data.Augment(cfg.flip, cfg.translate, cfg.erase)
@@ -215,7 +222,6 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
     opt = make_optimizer(cfg, model.parameters(), device)
     sched, per_batch = make_schedule(cfg, opt, len(train_loader), epochs)
 
-    tb = _tensorboard(run_dir) if cfg.tensorboard else None
     history: list[dict] = []
     neurons = {k: [t] for k, t in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons))}
     best = {"val_acc": -1.0, "epoch": 0}
@@ -234,6 +240,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
                            "its configuration.") from None
         start_epoch = state["epoch"] + 1
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
+    # Nothing is written before the state above has been restored: a foreign last.pt leaves the run as it was.
+    runs.write_config(run_dir, cfg)
+    tb = _tensorboard(run_dir) if cfg.tensorboard else None
     runs.write_history(run_dir, history)
     runs.write_neurons(run_dir, neurons)
 
