@@ -40,8 +40,7 @@ schedule = "onecycle"
 
 def study(out: Path, workers: int, trials: int, epochs: int, data_dir: str | None, threads: int) -> float:
     """Wall seconds for `workers` processes to run `trials` trials in all on one journal."""
-    space = out / "space.toml"
-    out.mkdir(parents=True)
+    space = out.with_suffix(".space.toml")
     space.write_text(SPACE)
     cmd = [sys.executable, "-m", "fmnist", "tune", "--out-dir", str(out), "--space", str(space), "--epochs",
            str(epochs), "--pruner", "none", "--trials", str(trials // workers), "--quiet", "--seed", "0",
