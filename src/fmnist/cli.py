@@ -289,7 +289,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print_json({"models": rows, "presets": config_mod.presets()})
         return 0
     for r in rows:
-        settings = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        settings = ", ".join(f"{k}={(','.join(map(str, v)) or 'none') if isinstance(v, (list, tuple)) else v}"
                              for k, v in r["defaults"].items())
         print(f"{r['model']:<6} {r['parameters']:>9,} parameters   {settings}; "
               f"tracks neuron {','.join(map(str, r['track_neurons']))}")

@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -63,8 +64,8 @@ def cpu_share(threads: int = 0) -> Iterator[int]:
             _release(claim)
 
 
-def _claim():
-    """A locked file of this process, or None where file locks are not available (all cores are then used)."""
+def _claim() -> tuple[IO, Path] | None:
+    """A locked file of this process and its path, or None without file locks (all cores are then used)."""
     try:
         import fcntl
 
@@ -74,14 +75,14 @@ def _claim():
         f = open(d / (name + ".new"), "w")  # held open: the lock lives with it
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(d / (name + ".new"), d / name)  # only locked files carry a claim's name
-        f.name_claimed = d / name
-        return f
+        return f, d / name
     except (ImportError, OSError):
         return None
 
 
-def _release(f) -> None:
-    f.name_claimed.unlink(missing_ok=True)
+def _release(claim: tuple[IO, Path]) -> None:
+    f, path = claim
+    path.unlink(missing_ok=True)
     f.close()
 
 

@@ -173,8 +173,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
             raise Interrupted(run_dir, resumable=False, drawing=True) from None
         if (run_dir / "last.pt").is_file():
             raise Interrupted(run_dir, resumable=True) from None
-        if resume is None:  # stopped before its first epoch ended: leave no half-started run behind
-            runs.remove_unstarted(run_dir) if created else None
+        if resume is None and created:  # stopped before its first epoch ended: leave no half-started run behind
+            runs.remove_unstarted(run_dir)
         raise Interrupted(run_dir, resumable=False) from None
     except RuntimeError as e:
         if "memory" in str(e).lower() and ("allocat" in str(e).lower() or "out of" in str(e).lower()):
