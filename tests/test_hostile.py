@@ -54,7 +54,7 @@ class Env:
     def finished_run(self) -> Path:
         """A finished run (with figures), made in-process, outside what the case snapshot checks."""
         cfg = TrainConfig(data_dir=str(self.tiny), out_dir=str(self.out), name="done", hidden=[32], epochs=2,
-                          batch_size=64, val_size=100, device="cpu", plots=False)
+                          batch_size=64, val_size=100, device="cpu", plots=False, threads=1)
         return train.fit(cfg).dir
 
 

@@ -175,14 +175,25 @@ def claim_output_dir(path: str | Path, kind: str, legacy: tuple[str, ...] = ()) 
         raise RunError(f"cannot create the output directory {path}: {e.strerror or e}; choose another --out-dir.") \
             from None
     marker = path / OUTPUT_MARKER
-    if marker.is_file():
+    if not marker.is_file():
+        others = [p for p in path.iterdir() if p.name != OUTPUT_MARKER and not p.match(TEMP_GLOB)]
+        if others and not any((path / f).is_file() for f in legacy):
+            raise RunError(f"{path} is not empty and holds no fmnist {kind} output; choose another --out-dir.")
+        try:  # O_EXCL: of several workers starting together on a new folder, one writes the marker
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(kind + "\n")
+            return path
+        except FileExistsError:
+            pass
+    for _ in range(50):  # another worker may be writing it this instant
         made_by = marker.read_text(encoding="utf-8", errors="replace").strip()
-        if made_by != kind:
-            raise RunError(f"{path} holds the output of fmnist {made_by}, not of {kind}; choose another --out-dir.")
-        return path
-    if any(path.iterdir()) and not any((path / f).is_file() for f in legacy):
-        raise RunError(f"{path} is not empty and holds no fmnist {kind} output; choose another --out-dir.")
-    write_text(marker, kind + "\n")
+        if made_by:
+            break
+        time.sleep(0.02)
+    if made_by != kind:
+        raise RunError(f"{path} holds the output of fmnist {made_by or 'something'}, not of {kind}; "
+                       "choose another --out-dir.")
     return path
 
 
