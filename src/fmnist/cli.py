@@ -28,8 +28,8 @@ from . import __version__
 from . import config as config_mod
 from .config import ConfigError, TrainConfig
 
-INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.INITS, without importing torch
-OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # data.OFFICIAL_URL, likewise
+INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.INITS (a test keeps them equal),
+# here so that `--help` need not import torch
 FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
@@ -171,7 +171,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples {args.samples}: the file name must end in one of {', '.join(FIGURE_FORMATS)}.")
     downloaded = None
     if args.download:
-        mirror = args.mirror or os.environ.get("FMNIST_MIRROR") or OFFICIAL_URL
+        mirror = args.mirror or os.environ.get("FMNIST_MIRROR") or data.OFFICIAL_URL
         downloaded = data.download(args.data_dir, base_url=mirror, progress=_progress(args))
     directory = data.locate(args.data_dir)
     checks = data.verify(directory)
