@@ -93,16 +93,13 @@ def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
         raise runs.RunError(f"{run_dir} is not a finished fmnist run (no {missing[0]}).")
     history = runs.read_history(run_dir, at_least=1)
     summary, neurons = runs.read_summary(run_dir), runs.read_neurons(run_dir)
-    last_cfg = None
     if final_model is None:
         last = runs.load_checkpoint(run_dir / "last.pt", "last")
         cfg = runs.checkpoint_config(last, run_dir / "last.pt")
+        runs.check_pair(run_dir, cfg)
         final_model = runs.load_state(runs.build_model(cfg), last["model"], run_dir / "last.pt")
-        last_cfg = cfg
     if splits is None or test_probs is None:
         model, best_cfg, _ = runs.load_model(run_dir / "best.pt")
-        if last_cfg is not None and best_cfg.identity() != last_cfg.identity():
-            raise runs.RunError(f"{run_dir}: best.pt and last.pt come from different runs.")
         splits = evaluate.load_splits(best_cfg, data_dir)
         dev = distributed.pick_device(device)
         with distributed.cpu_share():

@@ -335,6 +335,13 @@ def checkpoint_config(ckpt: dict, path: Path) -> TrainConfig:
         raise RunError(f"{path} holds a configuration fmnist cannot use: {e}") from None
 
 
+def check_pair(run_dir: Path, last_cfg: TrainConfig) -> None:
+    """RunError unless the run's best.pt (if any) was trained with the same configuration as its last.pt."""
+    best = Path(run_dir) / "best.pt"
+    if best.is_file() and checkpoint_config(load_checkpoint(best), best).identity() != last_cfg.identity():
+        raise RunError(f"{run_dir}: best.pt and last.pt come from different runs.")
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
     return models.create(cfg.model, **cfg.model_kwargs())
 

@@ -140,8 +140,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     state: dict | None = None
     if resume is not None:
         run_dir = Path(resume)
-        state = _resume_state(run_dir)
-        cfg = runs.checkpoint_config(state, run_dir / "last.pt")
+        state, cfg = _resume_state(run_dir)
         data_at = runs.data_dir_for(cfg.data_dir, data_dir)
     else:
         cfg = runs.resolve(cfg)
@@ -186,8 +185,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
             held.close()  # the run directory is free for the next process
 
 
-def _resume_state(run_dir: Path) -> dict:
-    """The validated last.pt of a run to resume, or a RunError that says why there is none."""
+def _resume_state(run_dir: Path) -> tuple[dict, TrainConfig]:
+    """The validated last.pt of a run to resume and its config, or a RunError that says why there is none."""
     if not run_dir.is_dir():
         raise RunError(f"{run_dir} is not a run directory; `--resume` takes a folder such as runs/<name>.")
     if not (run_dir / "last.pt").is_file():
@@ -196,16 +195,13 @@ def _resume_state(run_dir: Path) -> dict:
                            "start it again with the same command.")
         raise RunError(f"{run_dir} holds no last.pt to resume from.")
     state = runs.load_checkpoint(run_dir / "last.pt", "last")
-    if (run_dir / "best.pt").is_file():
-        best = runs.load_checkpoint(run_dir / "best.pt")
-        if runs.checkpoint_config(best, run_dir / "best.pt").identity() != \
-                runs.checkpoint_config(state, run_dir / "last.pt").identity():
-            raise RunError(f"{run_dir}: best.pt and last.pt come from different runs, so it cannot be resumed.")
+    cfg = runs.checkpoint_config(state, run_dir / "last.pt")
+    runs.check_pair(run_dir, cfg)
     done = state["epoch"]
     total = state["config"].get("epochs")
     if isinstance(total, int) and done >= total and (run_dir / "summary.json").is_file():
         raise RunError(f"{run_dir} has finished all its {total} epochs; there is nothing to resume.")
-    return state
+    return state, cfg
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Splits, device: torch.device,
