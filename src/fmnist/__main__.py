@@ -2,4 +2,5 @@ import sys
 
 from . import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a worker process of `fmnist predict` imports this module again
+    sys.exit(main())

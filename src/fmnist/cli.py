@@ -274,6 +274,55 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import predict
+
+    if args.paths.count("-") > 1:
+        raise ConfigError("'-' (standard input) can be given once: it holds one image.")
+    predictor = predict.Predictor(args.model, device=args.device, batch_size=args.batch_size)
+    inputs, skipped = predict.find_images(args.paths)
+    if not inputs:
+        raise predict.PredictError(f"no image files in {', '.join(args.paths)} (looked for "
+                                   f"{', '.join(predict.IMAGE_SUFFIXES)}).")
+    width = min(max(len(s) for s in inputs), 60)
+    if not args.json:
+        print(f"{'file':<{width}}  {'class':<12} {'prob':>6}  runners-up")
+    done = failed = 0
+    for rec in predictor.iter_predict(inputs, args.top_k, args.preprocess, args.save_inputs):
+        failed += "error" in rec
+        done += "error" not in rec
+        if args.json:
+            print(json.dumps(rec, ensure_ascii=False))
+            continue
+        name = rec["file"] if len(rec["file"]) <= width else "..." + rec["file"][-(width - 3):]
+        if "error" in rec:
+            print(f"{name:<{width}}  error: {rec['error']}")
+            continue
+        others = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in rec["top"][1:])
+        print(f"{name:<{width}}  {rec['label']:<12} {rec['probability']:>6.3f}  {others}")
+    if not args.quiet:
+        where = f"; 28x28 inputs in {args.save_inputs}" if args.save_inputs and done else ""
+        passed = f"; passed over {skipped} files not named as images" if skipped else ""
+        print(f"fmnist: classified {done} of {done + failed} files with {predictor.backend}"
+              f"{f', {failed} could not be read' if failed else ''}{passed}{where}", file=sys.stderr)
+    return 0 if not failed else 1 if done else 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import predict
+
+    r = predict.export(args.run, args.format, args.data_dir)
+    if args.json:
+        _print_json(r)
+        return 0
+    c = r["check"]
+    print(f"wrote {r['path']} ({r['bytes'] / 1024:.0f} KiB, {r['format']})")
+    print(f"checked on {c['images']:,} test images: largest difference in probability from PyTorch "
+          f"{c['max_difference']:.1e}, top class the same on {c['argmax_agree']:,} of {c['images']:,}")
+    print(f"use it: fmnist predict {r['path']} IMAGE...")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -371,6 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "epochs": "epochs of each trial (default: 20, as a real run)"})
     u.set_defaults(func=cmd_tune)
 
+    pr = sub.add_parser("predict", help="classify image files with a trained or exported model")
+    pr.add_argument("model", metavar="MODEL", help="a run directory (its best.pt), a .pt checkpoint, "
+                                                  "or a model.onnx / model.torchscript from fmnist export")
+    pr.add_argument("paths", metavar="PATH", nargs="+", help="image files (PNG, JPEG, WebP, BMP, TIFF, GIF), "
+                                                            "directories (searched recursively), or - for stdin")
+    pr.add_argument("--top-k", type=int, default=3, help="classes to list per image (default: %(default)s)")
+    pr.add_argument("--preprocess", choices=("auto", "photo", "dataset"), default="auto",
+                    help="photo: the dataset paper's pipeline for a product on a light background; dataset: "
+                         "an image already light-on-dark, only resized; auto: decide per image (default)")
+    pr.add_argument("--save-inputs", metavar="DIR", help="write the 28x28 image each file became into DIR")
+    pr.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
+    pr.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help + "; a .pt only")
+    common(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="write RUN_DIR/model.onnx (or TorchScript), checked against PyTorch")
+    x.add_argument("run", metavar="RUN_DIR", help="the run directory to export (its best.pt)")
+    x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: %(default)s)")
+    x.add_argument("--data-dir", help=saved_data_help + "; test images check the export")
+    common(x, quiet=False)
+    x.set_defaults(func=cmd_export)
+
     m = sub.add_parser("models", help="list the registered models, their defaults and the shipped presets")
     common(m, quiet=False)
     m.set_defaults(func=cmd_models)
@@ -421,6 +492,12 @@ def interrupts_deferred() -> Iterator[None]:
 def _preload(args: argparse.Namespace) -> None:
     """Import what the command will need, all at once, while Ctrl-C waits."""
     import numpy  # noqa: F401
+
+    if args.command == "predict":
+        from . import predict  # noqa: F401 (numpy and Pillow: an exported model needs no torch)
+
+        if Path(args.model).suffix == ".onnx":
+            return
     import torch  # noqa: F401
 
     from . import data, distributed, evaluate, models, runs, train  # noqa: F401
@@ -457,13 +534,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(e: Exception) -> str | None:
     """The sentence for an error the user caused, or None for a bug (which keeps its traceback)."""
-    from . import data, distributed, models, runs, train
-
-    errors: tuple[type[BaseException], ...] = (UsageError, ConfigError, data.DataError, models.ModelError,
-                                               runs.RunError, train.TrainError, distributed.DeviceError)
-    tune = sys.modules.get("fmnist.tune")  # Optuna stays an import of tune.py only
-    if tune is not None:
-        errors += (tune.TuneError,)
+    errors: tuple[type[BaseException], ...] = (UsageError, ConfigError)
+    for module, name in (("data", "DataError"), ("models", "ModelError"), ("files", "RunError"),
+                         ("train", "TrainError"), ("distributed", "DeviceError"), ("tune", "TuneError"),
+                         ("predict", "PredictError"), ("predict", "ImageError")):
+        loaded = sys.modules.get(f"fmnist.{module}")  # only what this command imported: predict may run without torch
+        if loaded is not None:
+            errors += (getattr(loaded, name),)
     if isinstance(e, errors):
         return " ".join(str(e).split())  # one line, whatever the message held
     if isinstance(e, MemoryError):

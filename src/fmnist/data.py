@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import FILE_MODE
+
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -56,11 +58,6 @@ LOCAL_DIR = Path("data/fashion-mnist")  # relative to the working directory
 
 # IDX type code -> numpy dtype (big-endian as the format prescribes)
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file; temp files start as 0600
 
 
 class DataError(Exception):

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import MEAN, STD
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TRACK: dict[str, tuple[int, ...]] = {}  # name -> first-layer neurons tracked by default (1-based)
 
@@ -156,6 +158,22 @@ def mlp(hidden=(256, 128), activation="relu", dropout=0.0, batch_norm=True) -> n
 def cnn(channels=(32, 64), hidden=(), activation="relu", dropout=0.0, batch_norm=True) -> nn.Module:
     """Conv blocks of `channels` (each conv-BN-act x2, max-pool), then a linear head of `hidden` widths."""
     return CNN(tuple(channels), activation, dropout, tuple(hidden), batch_norm)
+
+
+class PixelClassifier(nn.Module):
+    """A model for use outside training: (N, 28, 28) pixels 0-255 in, (N, classes) probabilities out.
+
+    The dataset's normalisation is folded in, so that an exported model (ONNX,
+    TorchScript) takes what an image decoder gives and needs nothing of fmnist.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD  # (N, 1, 28, 28), as data.normalize
+        return torch.softmax(self.model(x).float(), dim=1)
 
 
 def init_weights(model: nn.Module, scheme: str = "xavier", std: float = 0.01) -> nn.Module:

@@ -16,11 +16,9 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,46 +29,30 @@ from torch import nn
 from . import config as config_mod
 from . import models
 from .config import ConfigError, TrainConfig
-from .data import FILE_MODE
+from .files import (  # noqa: F401 (fmnist's file-writing rules, used here and re-exported)
+    FILE_MODE,
+    OUTPUT_MARKER,
+    TEMP_GLOB,
+    RunError,
+    atomic_write,
+    claim_output_dir,
+    made_by_fmnist,
+    overwritable,
+    write_json,
+    write_text,
+)
 
 # What fmnist itself writes into a run directory before its first epoch ends: a folder holding only
 # these (and temp files) is a run that was stopped early, and may be started again.
 LOCK_FILE = ".fmnist-lock"  # held (flock) by the one process training in a run directory
 START_FILES = {"config.toml", "history.jsonl", "neurons.npz", "tb", LOCK_FILE}
-TEMP_GLOB = ".*.fmnist-tmp"  # atomic_write's temp files; a killed process can leave them behind
 CONFIG_HEADER = "# fmnist run configuration (train again with: fmnist train --config this-file)\n"
-OUTPUT_MARKER = ".fmnist"  # in a folder that compare-init or tune writes into: which of them made it
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 SUMMARY_NUMBERS = ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "epochs", "wall_seconds",
                    "train_samples_per_second", "parameters", "threads", "seed")
 
 
-class RunError(Exception):
-    """A run directory or file that cannot be used as asked: missing, damaged, foreign, or not fmnist's."""
-
-
 # ---------------------------------------------------------------- writing files
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".fmnist-tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
 
 def clean_temp(directory: Path) -> list[Path]:
     """Remove temp files that a killed process left in a run directory (and its plots/)."""
@@ -160,59 +142,6 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
 def is_run(run_dir: Path) -> bool:
     """Whether a folder is one of fmnist's runs (started, stopped, or finished)."""
     return (run_dir / "last.pt").is_file() or is_run_config(run_dir / "config.toml")
-
-
-def claim_output_dir(path: str | Path, kind: str, legacy: tuple[str, ...] = ()) -> Path:
-    """The folder that compare-init or tune (`kind`) writes into: new, empty, or one that `kind` made before.
-
-    A folder of other files is refused rather than written over; `legacy` names
-    files that mark a folder made before the marker existed.
-    """
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create the output directory {path}: {e.strerror or e}; choose another --out-dir.") \
-            from None
-    marker = path / OUTPUT_MARKER
-    if not marker.is_file():
-        others = [p for p in path.iterdir() if p.name != OUTPUT_MARKER and not p.match(TEMP_GLOB)]
-        if others and not any((path / f).is_file() for f in legacy):
-            raise RunError(f"{path} is not empty and holds no fmnist {kind} output; choose another --out-dir.")
-        try:  # O_EXCL: of several workers starting together on a new folder, one writes the marker
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
-            with os.fdopen(fd, "w") as f:
-                f.write(kind + "\n")
-            return path
-        except FileExistsError:
-            pass
-    for _ in range(50):  # another worker may be writing it this instant
-        made_by = marker.read_text(encoding="utf-8", errors="replace").strip()
-        if made_by:
-            break
-        time.sleep(0.02)
-    if made_by != kind:
-        raise RunError(f"{path} holds the output of fmnist {made_by or 'something'}, not of {kind}; "
-                       "choose another --out-dir.")
-    return path
-
-
-def overwritable(path: Path, ours: Callable[[Path], bool]) -> Path:
-    """`path`, unless it is an existing file that fmnist did not write (which is never overwritten)."""
-    if path.exists() and not (path.is_file() and ours(path)):
-        raise RunError(f"{path} already exists and was not written by fmnist; choose another name or move it away.")
-    return path
-
-
-def made_by_fmnist(path: Path) -> bool:
-    """A PNG whose Software field names fmnist (every figure fmnist saves carries it)."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return str(im.info.get("Software", "")).startswith("fmnist")
-    except Exception:  # not an image PIL can open: not ours
-        return False
 
 
 def remove_unstarted(run_dir: Path) -> None:
