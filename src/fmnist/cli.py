@@ -294,7 +294,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rec, ensure_ascii=False))
             continue
-        name = rec["file"] if len(rec["file"]) <= width else "..." + rec["file"][-(width - 3):]
+        name = rec["file"]  # in full, however long: a table row must name its file
         if "error" in rec:
             print(f"{name:<{width}}  error: {rec['error']}")
             continue

@@ -62,7 +62,9 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
         im = source
     else:
         try:
-            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         except FileNotFoundError:
             raise ImageError("no such file") from None
         except IsADirectoryError:
@@ -70,9 +72,11 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
         except PermissionError:
             raise ImageError("permission denied") from None
         except Image.DecompressionBombError:
-            raise ImageError(f"larger than {MAX_PIXELS // 1_000_000} megapixels, refused as a possible "
-                             "decompression bomb") from None
+            raise ImageError(_BOMB) from None
         except Exception as e:  # Pillow raises many types for a file it cannot identify
+            if "Decompressed data too large" in str(e):  # a PNG text chunk that inflates beyond Pillow's limit
+                raise ImageError("holds a text chunk that inflates beyond Pillow's limit, refused as a possible "
+                                 "decompression bomb") from None
             raise ImageError("not an image that can be read (PNG, JPEG, WebP, BMP, TIFF or GIF)"
                              + _why(e, "cannot identify image file")) from None
     width, height = im.size
@@ -93,12 +97,15 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"larger than {MAX_PIXELS // 1_000_000} megapixels when decoded, refused as a possible "
-                         "decompression bomb") from None
+        raise ImageError(_BOMB) from None
     except MemoryError:
         raise ImageError("too large to decode in the memory available") from None
     except Exception as e:  # truncated, corrupt, or a text chunk that inflates too far
         raise ImageError("a damaged or truncated image" + _why(e, "")) from None
+
+
+_BOMB = (f"too many pixels to decode, refused as a possible decompression bomb (fmnist reads images of up to "
+         f"{MAX_PIXELS // 1_000_000} megapixels)")
 
 
 def _why(e: BaseException, boring: str) -> str:

@@ -1,0 +1,392 @@
+"""fmnist predict and export: the photo pipeline, hostile files, the Predictor API, ONNX and TorchScript exports."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_sentence, run_fmnist, synthetic
+from photos import render, write_photos
+from PIL import Image
+
+from fmnist import cli, data, predict, train
+from fmnist.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A small trained run on synthetic data (its class is a bright bar at rows 2c+2..2c+5)."""
+    from conftest import make_dataset
+
+    tmp = tmp_path_factory.mktemp("predict")
+    tiny = make_dataset(tmp / "tiny")
+    cfg = TrainConfig(data_dir=str(tiny), out_dir=str(tmp / "runs"), name="r", hidden=[32], epochs=3,
+                      batch_size=64, val_size=100, device="cpu", plots=False, threads=1)
+    return train.fit(cfg).dir
+
+
+def _png(im: Image.Image, **kw) -> bytes:
+    out = io.BytesIO()
+    im.save(out, format="PNG", **kw)
+    return out.getvalue()
+
+
+def _raw_png(width: int, height: int, rows: int | None = None, extra: bytes = b"") -> bytes:
+    """A 1-bit greyscale PNG written by hand: its header may promise far more pixels than it is worth."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" + bytes((width + 7) // 8)
+    body = b"".join(comp.compress(row) for _ in range(height if rows is None else rows)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + extra
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------- the photo pipeline
+
+def test_photo_trims_resizes_centres_and_negates():
+    """A dark 40x20 box off-centre on white becomes a 28x14 bright box centred on black, exactly."""
+    canvas = Image.new("RGB", (300, 200), (255, 255, 255))
+    canvas.paste((50, 50, 50), (200, 30, 240, 50))  # 40 wide, 20 high
+    pixels, chosen = predict.prepare(canvas)
+    assert chosen == "photo"
+    expected = np.zeros((28, 28), np.uint8)
+    expected[7:21, :] = 205  # (28 - 14) // 2 = 7; sharpening a flat box with repeated edges changes nothing
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_photo_trim_ignores_background_within_five_percent_only():
+    rng = np.random.default_rng(0)
+    a = np.full((100, 100, 3), 240, np.int16) + rng.integers(-6, 7, (100, 100, 3))  # noise: within 5 %
+    a[40:60, 45:55] = 0
+    pixels = predict.photo(Image.fromarray(a.astype(np.uint8)))
+    assert (pixels[:, 14:] > 200).any() and pixels[0].max() > 200  # trimmed to the box: it fills the height
+    b = np.full((100, 100, 3), 240, np.uint8)
+    b[40:60, 45:55] = 0
+    b[:, 2] = 200  # a full-height line 40 levels off the corner colour (beyond 5 % of 255 * sqrt(3) = 22) is kept,
+    box_rows = (predict.photo(Image.fromarray(b)) > 200).any(axis=1).sum()
+    assert box_rows <= 8  # so the crop is 100 rows high and the 20-row box shrinks to about 6 of 28
+
+
+def test_sharpen_kernel_is_imagemagicks():
+    """ImageMagick's SharpenImage, radius 1 sigma 1, computed here from its definition: -G, centre 2*sum(G)."""
+    g = np.array([[np.exp(-(u * u + v * v) / 2.0) for u in (-1, 0, 1)] for v in (-1, 0, 1)])
+    k = -g
+    k[1, 1] = 2 * g.sum()
+    np.testing.assert_allclose(predict._SHARPEN, k / k.sum())
+    flat = np.full((5, 6, 3), 77.0)
+    np.testing.assert_allclose(predict._sharpen(flat), flat)
+    step = np.zeros((5, 6, 1))
+    step[:, 3:] = 100.0
+    out = predict._sharpen(step)[:, :, 0]
+    assert out[2, 2] < 0 and out[2, 3] > 100  # overshoot on both sides of an edge: sharper
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (60, 80), (0, 0, 0, 0))
+    rgba.paste((30, 30, 30, 255), (10, 20, 40, 70))
+    rgb = Image.new("RGB", (60, 80), (255, 255, 255))
+    rgb.paste((30, 30, 30), (10, 20, 40, 70))
+    a, chosen = predict.prepare(_png(rgba))
+    b, _ = predict.prepare(_png(rgb))
+    assert chosen == "photo"
+    np.testing.assert_array_equal(a, b)
+    la = rgba.convert("LA")
+    np.testing.assert_array_equal(predict.prepare(la)[0], b)
+
+
+def test_exif_orientation_is_honoured():
+    im = Image.new("RGB", (90, 40), (255, 255, 255))
+    im.paste((0, 0, 0), (5, 5, 60, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    shown = im.transpose(Image.Transpose.ROTATE_270)  # what a viewer displays
+    plain = io.BytesIO()
+    shown.save(plain, format="JPEG", quality=95)
+    a = predict.prepare(out.getvalue())[0]
+    b = predict.prepare(plain.getvalue())[0]
+    assert np.abs(a.astype(int) - b).mean() < 3  # the same picture, up to JPEG noise
+    unrotated = predict.prepare(_png(im))[0]
+    assert np.abs(a.astype(int) - unrotated).mean() > 20
+
+
+def test_gif_first_frame_and_16_bit_and_palette_images():
+    tall = Image.new("L", (50, 50), 255)
+    tall.paste(0, (20, 0, 30, 50))
+    wide = Image.new("L", (50, 50), 255)
+    wide.paste(0, (0, 20, 50, 30))
+    out = io.BytesIO()
+    tall.save(out, format="GIF", save_all=True, append_images=[wide], duration=100, loop=0)
+    np.testing.assert_array_equal(predict.prepare(out.getvalue())[0], predict.prepare(tall)[0])
+    sixteen = Image.fromarray(np.asarray(tall).astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I")
+    np.testing.assert_array_equal(predict.prepare(_png(sixteen))[0], predict.prepare(tall)[0])
+    np.testing.assert_array_equal(predict.prepare(tall.convert("P"))[0], predict.prepare(tall)[0])
+    np.testing.assert_array_equal(predict.prepare(tall.convert("CMYK"))[0], predict.prepare(tall)[0])
+
+
+def test_auto_keeps_dataset_images_as_they_are():
+    x, _ = synthetic(5, 0)
+    for img in x:
+        pixels, chosen = predict.prepare(img)
+        assert chosen == "dataset"
+        np.testing.assert_array_equal(pixels, img)
+    big = Image.fromarray(x[0]).resize((56, 56), Image.Resampling.NEAREST)
+    pixels, chosen = predict.prepare(big)
+    assert chosen == "dataset"
+    np.testing.assert_array_equal(pixels, x[0])  # 2x2 boxes averaged back
+    forced, chosen = predict.prepare(x[0], "photo")
+    assert chosen == "photo" and not np.array_equal(forced, x[0])
+
+
+def test_extreme_shapes_still_give_28x28():
+    for size in ((1, 1), (1, 5000), (5000, 1), (3, 2)):
+        im = Image.new("RGB", size, (255, 255, 255))
+        for mode in ("photo", "dataset"):
+            pixels, _ = predict.prepare(im, mode)
+            assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
+
+
+def test_arrays_are_checked():
+    with pytest.raises(predict.ImageError, match="shape"):
+        predict.prepare(np.zeros((28, 28, 2)))
+    with pytest.raises(predict.ImageError, match="not finite"):
+        predict.prepare(np.full((28, 28), np.nan))
+    with pytest.raises(predict.ImageError, match="0 to 255"):
+        predict.prepare(np.full((28, 28), 300.0))
+    with pytest.raises(predict.ImageError, match="not an image"):
+        predict.prepare(np.zeros((28, 28), dtype=bool))
+    img = synthetic(1, 3)[0][0]
+    np.testing.assert_array_equal(predict.prepare(img.astype(np.float32))[0], img)
+
+
+# ---------------------------------------------------------------- hostile files
+
+HOSTILE = {
+    "not-an-image.png": (lambda: b"this is a text file\n", "not an image"),
+    "empty.jpg": (lambda: b"", "not an image"),
+    "truncated.png": (lambda: _png(Image.fromarray(synthetic(1, 0)[0][0]))[:80], "damaged or truncated"),
+    "truncated.jpg": (lambda: _jpeg_cut(), "damaged or truncated"),
+    "bomb.png": (lambda: _raw_png(30_000, 30_000), "decompression bomb"),  # 900 megapixels in 110 kB
+    "tall-bomb.png": (lambda: _raw_png(100, 1_000_000, rows=10), "decompression bomb"),
+    "text-bomb.png": (lambda: _raw_png(8, 8, extra=_ztxt(50_000_000)), "decompression bomb"),
+}
+
+
+def _jpeg_cut() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(out, "JPEG")
+    return out.getvalue()[: len(out.getvalue()) // 2]
+
+
+def _ztxt(size: int) -> bytes:
+    body = b"Comment\x00\x00" + zlib.compress(b"a" * size)
+    return struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_file_gets_its_own_error_and_the_others_are_classified(name, run, tmp_path, capsys):
+    make, words = HOSTILE[name]
+    good = tmp_path / "good.png"
+    good.write_bytes(_png(Image.fromarray(synthetic(1, 0)[0][0])))
+    bad = tmp_path / name
+    bad.write_bytes(make())
+    assert cli.main(["predict", str(run), str(good), str(bad), str(good), "--json"]) == 1  # a bug would raise
+    out, err = capsys.readouterr()
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [rec["file"] for rec in recs] == [str(good), str(bad), str(good)]
+    assert "label" in recs[0] and "label" in recs[2] and "label" not in recs[1]
+    assert words in recs[1]["error"], recs[1]["error"]
+    assert "1 could not be read" in err
+
+
+def test_exit_codes_and_table(run, tmp_path):
+    good = tmp_path / "shirt.png"
+    good.write_bytes(_png(Image.fromarray(synthetic(1, 0)[0][0])))
+    r = run_fmnist("predict", str(run), str(good))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["file", "class", "prob", "runners-up"]
+    assert lines[1].startswith(str(good)) and len(lines) == 2
+    assert "classified 1 of 1 files with pytorch" in r.stderr
+    r = run_fmnist("predict", str(run), str(tmp_path / "missing.png"))
+    assert r.returncode == 2 and "error: no such file" in r.stdout  # nothing could be classified
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert_one_sentence(run_fmnist("predict", str(run), str(tmp_path / "notes")), "no image files")
+    assert_one_sentence(run_fmnist("predict", str(tmp_path / "nothing"), str(good)), "does not exist")
+    assert_one_sentence(run_fmnist("predict", str(run), str(good), "--top-k", "11"), "--top-k 11")
+    assert_one_sentence(run_fmnist("predict", str(run), "-", "-"), "once")
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"not a model")
+    assert_one_sentence(run_fmnist("predict", str(garbage), str(good)), "not an ONNX model")
+
+
+def test_directories_are_searched_recursively_in_order_and_stdin_is_read(run, tmp_path):
+    x, _ = synthetic(4, 5)
+    d = tmp_path / "in"
+    (d / "b").mkdir(parents=True)
+    (d / "a.png").write_bytes(_png(Image.fromarray(x[0])))
+    (d / "b" / "c.jpg").write_bytes(_png(Image.fromarray(x[1])))  # a PNG named .jpg: the content decides
+    (d / "b" / "README.txt").write_text("not an image")
+    (d / ".hidden.png").write_bytes(b"")
+    found, skipped = predict.find_images([d])
+    assert found == [str(d / "a.png"), str(d / "b" / "c.jpg")] and skipped == 2
+    r = run_fmnist("predict", str(run), str(d), "-", "--json", input=None, stdin=open(d / "a.png", "rb"))
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 0, r.stderr
+    assert [rec["file"] for rec in recs] == [str(d / "a.png"), str(d / "b" / "c.jpg"), "-"]
+    assert recs[2]["top"] == recs[0]["top"]
+
+
+def test_json_records_and_saved_inputs(run, tmp_path, capsys):
+    x, y = synthetic(40, 7)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, img in enumerate(x):
+        (d / f"{i:02d}.png").write_bytes(_png(Image.fromarray(img)))
+    out = tmp_path / "seen"
+    assert cli.main(["predict", str(run), str(d), "--json", "--top-k", "4", "--save-inputs", str(out)]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(recs) == 40
+    for rec, img in zip(recs, x):
+        assert set(rec) == {"file", "label", "index", "probability", "top", "preprocess", "input"}
+        assert rec["preprocess"] == "dataset" and len(rec["top"]) == 4
+        probs = [t["probability"] for t in rec["top"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-5
+        assert rec["top"][0] == {"label": rec["label"], "probability": rec["probability"]}
+        assert data.CLASSES[rec["index"]] == rec["label"]
+        np.testing.assert_array_equal(np.asarray(Image.open(rec["input"])), img)
+    assert np.mean([r["index"] for r in recs] == y) > 0.9  # the synthetic classes are easy
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    assert cli.main(["predict", str(run), str(d), "--save-inputs", str(foreign)]) == 2
+    assert "not empty" in capsys.readouterr().err and sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+
+
+def test_api_takes_paths_images_and_arrays_and_batches_agree(run, tmp_path):
+    x, _ = synthetic(9, 8)
+    path = tmp_path / "a.png"
+    path.write_bytes(_png(Image.fromarray(x[0])))
+    p = predict.Predictor(run, batch_size=2)
+    recs = p.predict([path, Image.open(path), x[0], x[0].astype(np.float64), "missing.png"])
+    assert [r.get("label") for r in recs[:4]] == [recs[0]["label"]] * 4
+    assert recs[4] == {"file": "missing.png", "error": "no such file"}
+    assert recs[0]["file"] == str(path) and recs[2]["file"] is None
+    whole = predict.Predictor(run, batch_size=1024).probabilities(x)
+    np.testing.assert_allclose(p.probabilities(x), whole, atol=1e-6)
+    model = predict.Predictor(run).info
+    assert model["model"] == "mlp" and model["config"]["hidden"] == [32]
+
+
+def test_many_files_use_worker_processes_with_the_same_results(run, tmp_path):
+    x, _ = synthetic(predict.PARALLEL_FROM + 6, 9)
+    paths = []
+    for i, img in enumerate(x):
+        paths.append(tmp_path / f"{i:03d}.png")
+        paths[-1].write_bytes(_png(Image.fromarray(255 - img)) if i % 2 else b"junk")
+    p = predict.Predictor(run)
+    assert p.predict(paths, workers=2) == p.predict(paths, workers=1)
+
+
+# ---------------------------------------------------------------- export
+
+def test_onnx_export_matches_pytorch_and_runs_without_torch(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    r = run_fmnist("export", str(run), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    onnx_path = run / "model.onnx"
+    assert info["path"] == str(onnx_path) and info["check"]["images"] == 200  # the synthetic test split
+    assert info["check"]["max_difference"] <= 1e-4 and info["check"]["argmax_agree"] == 200
+    x, _ = synthetic(37, 11)
+    exported, original = predict.Predictor(onnx_path), predict.Predictor(run)
+    assert exported.classes == data.CLASSES and exported.info["config"]["hidden"] == [32]
+    for n in (1, 37):  # any batch size
+        np.testing.assert_allclose(exported.probabilities(x[:n]), original.probabilities(x[:n]), atol=1e-5)
+    blocker = tmp_path / "blocker" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no torch in this deployment')\n")
+    img = tmp_path / "a.png"
+    img.write_bytes(_png(Image.fromarray(x[0])))
+    code = "import sys, fmnist; sys.argv = ['fmnist'] + sys.argv[1:]; sys.exit(fmnist.main())"
+    r = subprocess.run([sys.executable, "-c", code, "predict", str(onnx_path), str(img), "--json"],
+                       capture_output=True, text=True, env={"PYTHONPATH": str(blocker.parent), "PATH": "/usr/bin"})
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["label"] == original.predict([img])[0]["label"] and "onnxruntime" in r.stderr
+    r = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(blocker.parent)})
+    assert r.returncode != 0  # the blocker works: the run above had no torch
+
+
+def test_torchscript_export_and_a_refused_export_writes_nothing(run, tmp_path, capsys):
+    assert cli.main(["export", str(run), "--format", "torchscript"]) == 0
+    ts = predict.Predictor(run / "model.torchscript")
+    x, _ = synthetic(5, 12)
+    np.testing.assert_allclose(ts.probabilities(x), predict.Predictor(run).probabilities(x), atol=1e-6)
+    assert cli.main(["export", str(run), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not list(run.glob("*.fmnist-tmp"))
+
+
+def test_a_foreign_onnx_model_is_refused(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    path = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(graph), path)
+    with pytest.raises(predict.PredictError, match="not exported by fmnist"):
+        predict.Predictor(path)
+
+
+# ---------------------------------------------------------------- real data
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_photos_of_test_images_keep_the_accuracy(real_dir, tmp_path):
+    """Test images rendered as product photos (light background, enlarged, off-centre, JPEG/PNG/alpha)
+    are classified within 3 points of the same images given raw; and the ONNX export agrees on real data."""
+    cfg = TrainConfig(data_dir=str(real_dir), out_dir=str(tmp_path), name="real", epochs=4, device="cpu",
+                      plots=False)
+    run = train.fit(cfg).dir
+    x, y = data.load_split(real_dir, "test")
+    pick = np.random.default_rng(0).permutation(len(y))[:600]
+    paths = write_photos(tmp_path / "photos", x[pick], seed=1)
+    kinds = {p.suffix for p in paths}
+    assert kinds == {".jpg", ".png"} and any(Image.open(p).mode == "RGBA" for p in paths if p.suffix == ".png")
+    r = run_fmnist("predict", str(run), str(tmp_path / "photos"), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert all(rec["preprocess"] == "photo" for rec in recs)
+    photo_acc = np.mean(np.array([rec["index"] for rec in recs]) == y[pick])
+    raw_acc = np.mean(predict.Predictor(run).probabilities(x[pick]).argmax(1) == y[pick])
+    assert raw_acc > 0.85 and abs(photo_acc - raw_acc) <= 0.03, (photo_acc, raw_acc)
+    if pytest.importorskip("onnxruntime"):
+        r = run_fmnist("export", str(run), "--json")
+        assert r.returncode == 0, r.stderr
+        check = json.loads(r.stdout)["check"]
+        assert check == {**check, "images": 1000, "argmax_agree": 1000} and check["max_difference"] <= 1e-4
+
+
+def test_render_makes_light_off_centre_photos():
+    img = synthetic(1, 0)[0][0]
+    raw, suffix = render(img, np.random.default_rng(3))
+    im = Image.open(io.BytesIO(raw))
+    assert min(im.size) >= 4 * 28 and not predict.looks_like_dataset(predict.open_image(raw))
+    assert torch.tensor(0).item() == 0  # torch is importable in the test process (the blocker test relies on it)
