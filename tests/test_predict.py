@@ -269,6 +269,8 @@ def test_json_records_and_saved_inputs(run, tmp_path, capsys):
         assert data.CLASSES[rec["index"]] == rec["label"]
         np.testing.assert_array_equal(np.asarray(Image.open(rec["input"])), img)
     assert np.mean([r["index"] for r in recs] == y) > 0.9  # the synthetic classes are easy
+    sheet = Image.open(out / "overview.png")  # the first 24 files beside their inputs, 6 rows of 4
+    assert sheet.format == "PNG" and sheet.height > 5 * 112 and len(list(out.iterdir())) == 40 + 2  # + .fmnist
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
