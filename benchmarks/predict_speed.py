@@ -57,11 +57,10 @@ def in_process(run_dir: Path, images: np.ndarray, work: Path) -> list[tuple[str,
     predict._write_onnx(models.PixelClassifier(model).eval(), str(onnx_path), list(data.CLASSES), {
         "input": "pixels", "output": "probabilities"})
     rows = []
+    batch, one = images[:1024], images[:1]
     for name, p in (("PyTorch", predict.Predictor(run_dir, batch_size=1024)),
                     ("onnxruntime", predict.Predictor(onnx_path, batch_size=1024))):
-        batch = images[:1024]
         per_batch = median_time(lambda p=p: p.probabilities(batch), 30)
-        one = images[:1]
         latency = median_time(lambda p=p: p.probabilities(one), 300)
         rows.append((name, 1024 / per_batch, latency * 1000))
     return rows

@@ -224,6 +224,13 @@ def prepare(source: Any, preprocess: str = "auto") -> tuple[np.ndarray, str]:
     return (photo(im) if chosen == "photo" else dataset_like(im)), chosen
 
 
+def _ignore_interrupts() -> None:
+    """In a worker: Ctrl-C is the parent's to handle (it stops the pool), not a traceback per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _prepare_quietly(job: tuple[Any, str]) -> tuple[bytes | None, str | None]:
     """prepare() in a worker process: (28x28 bytes, chosen) or (None, the error's sentence)."""
     source, preprocess = job
@@ -500,9 +507,12 @@ def _prepare_all(items: list[Any], preprocess: str, workers: int | None) -> Iter
         # Pillow only, never the torch threads they inherit.
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_ignore_interrupts)
+        try:
             for raw, chosen in pool.map(_prepare_quietly, jobs, chunksize=32):
                 yield (None if raw is None else np.frombuffer(raw, np.uint8).reshape(SIZE, SIZE)), chosen
+        finally:  # also when the reader stops early (`fmnist predict DIR | head`, Ctrl-C): drop what is queued
+            pool.shutdown(wait=True, cancel_futures=True)
         return
     for job in jobs:
         raw, chosen = _prepare_quietly(job)
