@@ -215,6 +215,18 @@ def _out_under_file(env: Env):
         ("cannot create",)
 
 
+def _image(env: Env) -> str:
+    """A small product photo outside the folders a case may touch."""
+    from PIL import Image
+
+    path = env.tmp / "images" / "shoe.png"
+    path.parent.mkdir(exist_ok=True)
+    im = Image.new("RGB", (60, 40), (255, 255, 255))
+    im.paste((20, 20, 20), (5, 10, 50, 30))
+    im.save(path)
+    return str(path)
+
+
 CASES: dict[str, Callable[[Env], tuple[list[str], tuple[str, ...]]]] = {
     # 1. values that validation let through and that crashed later
     "negative weight decay": lambda e: (e.train("--weight-decay", "-1"), ("weight_decay",)),
@@ -311,6 +323,20 @@ CASES: dict[str, Callable[[Env], tuple[list[str], tuple[str, ...]]]] = {
     "compare-init --init": lambda e: (["compare-init", "--init", "normal", "--out-dir", str(e.out)], ("--init",)),
     "tune --name": lambda e: (_tune(e, "--name", "x"), ("--name",)),
     "tune --plots": lambda e: (_tune(e, "--plots"), ("--plots",)),
+    # 9. predict and export (a bad image file is not a user error of the command: test_predict.py)
+    "predict with a folder that is not a run": lambda e: (["predict", str(e.tiny), _image(e)], ("no best.pt",)),
+    "predict --top-k 0": lambda e: (["predict", str(e.finished_run()), _image(e), "--top-k", "0"], ("--top-k",)),
+    "predict --batch-size 0": lambda e: (["predict", str(e.finished_run()), _image(e), "--batch-size", "0"],
+                                         ("--batch-size",)),
+    "predict with a damaged model.onnx": lambda e: (["predict", _toml(e, "model.onnx", b"\x08\x07junk"), _image(e)],
+                                                    ("not an ONNX model",)),
+    "predict a folder without images": lambda e: (["predict", str(e.finished_run()), str(e.cwd)],
+                                                  ("no image files",)),
+    "predict --save-inputs into user files": lambda e: (["predict", str(e.finished_run()), _image(e),
+                                                         "--save-inputs", str(e.cwd)], ("not empty",)),
+    "export a folder that is not a run": lambda e: (["export", str(e.tiny)], ("no best.pt",)),
+    "export with its data gone": lambda e: (["export", str(e.finished_run()), "--data-dir", str(e.tmp / "gone")],
+                                            ("gone",)),
 }
 
 
