@@ -323,6 +323,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        import uvicorn
+
+        from . import serve
+    except ImportError as e:
+        raise ConfigError(f"fmnist serve needs FastAPI and uvicorn ({e.name} is missing): "
+                          "pip install 'fmnist[serve]'.") from None
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port: choose 0 to 65535 (0: any free port).")
+    if args.max_body_mb <= 0:
+        raise ConfigError(f"--max-body-mb {args.max_body_mb} must be more than 0.")
+    app = serve.create_app(args.run, max_body=int(args.max_body_mb * 2**20), device=args.device)
+    try:  # bound here, so that a port in use is one sentence and --port 0 can say which port it got
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host} port {args.port}: {e.strerror or e}; "
+                          "choose another --port or --host.") from None
+    except UnicodeError:
+        raise ConfigError(f"--host {args.host} is not a host name or address.") from None
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"fmnist: serving {args.run} at http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)", flush=True)
+    config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=not args.quiet)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -442,6 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(x, quiet=False)
     x.set_defaults(func=cmd_export)
 
+    s = sub.add_parser("serve", help="a web page and an HTTP API for a trained run (pip install 'fmnist[serve]')")
+    s.add_argument("run", metavar="RUN_DIR", help="the run directory to serve (its best.pt)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                                                       "only; 0.0.0.0 for every network)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port)")
+    s.add_argument("--max-body-mb", type=float, default=10.0,
+                   help="refuse request bodies larger than this with 413 (default: %(default)s MiB)")
+    s.add_argument("--device", default="cpu", choices=config_mod.DEVICES, help="auto, cpu, cuda or mps "
+                                                                               "(default: cpu)")
+    s.add_argument("--quiet", action="store_true", help="no log line per request")
+    s.set_defaults(func=cmd_serve)
+
     m = sub.add_parser("models", help="list the registered models, their defaults and the shipped presets")
     common(m, quiet=False)
     m.set_defaults(func=cmd_models)
@@ -504,6 +549,9 @@ def _preload(args: argparse.Namespace) -> None:
 
     if args.command == "tune":
         import optuna  # noqa: F401
+    if args.command == "serve":
+        with contextlib.suppress(ImportError):  # cmd_serve says what is missing
+            from . import serve  # noqa: F401
     if args.command in ("plot", "compare-init", "tune") or getattr(args, "samples", None) or (
             args.command == "train" and getattr(args, "plots", True)):
         from . import plots  # noqa: F401 (matplotlib)
