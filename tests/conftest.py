@@ -88,3 +88,17 @@ def assert_one_sentence(r: subprocess.CompletedProcess, *words: str) -> None:
     assert lines[0].startswith("fmnist: error: ")
     for w in words:
         assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A small MLP trained on synthetic data (class c is a bright bar at rows 2c+2..2c+5), with history and
+    neuron snapshots: what predict, export and serve read."""
+    from fmnist import train
+    from fmnist.config import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("trained")
+    tiny = make_dataset(tmp / "tiny")
+    cfg = TrainConfig(data_dir=str(tiny), out_dir=str(tmp / "runs"), name="r", hidden=[32], epochs=3,
+                      batch_size=64, val_size=100, device="cpu", plots=False, threads=1, track_neurons=[5])
+    return train.fit(cfg).dir

@@ -22,15 +22,8 @@ from fmnist.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A small trained run on synthetic data (its class is a bright bar at rows 2c+2..2c+5)."""
-    from conftest import make_dataset
-
-    tmp = tmp_path_factory.mktemp("predict")
-    tiny = make_dataset(tmp / "tiny")
-    cfg = TrainConfig(data_dir=str(tiny), out_dir=str(tmp / "runs"), name="r", hidden=[32], epochs=3,
-                      batch_size=64, val_size=100, device="cpu", plots=False, threads=1)
-    return train.fit(cfg).dir
+def run(trained_run) -> Path:
+    return trained_run
 
 
 def _png(im: Image.Image, **kw) -> bytes:

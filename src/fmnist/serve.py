@@ -235,7 +235,7 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
         frames = max((len(a) for a in tracked.values()), default=1)
         return {"count": len(final), "shape": list(final.shape[1:]), "tracked": sorted(tracked),
                 "epochs": frames - 1, "conv": models.is_conv(model),
-                "default": 50 if 50 in tracked or len(final) >= 50 else 1}
+                "default": 50 if 50 in tracked else min(tracked) if tracked else 50 if len(final) >= 50 else 1}
 
     @app.get("/neurons/{k}", summary="A first-layer neuron's incoming weights: every epoch if tracked, else final")
     async def neuron(k: int = PathParam(ge=1, description="1-based, as --track-neurons")):
