@@ -172,7 +172,7 @@ def test_a_large_body_is_refused_before_it_is_read(server):
     head = ("POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {50 * 2**20}\r\n\r\n")
     answer, seconds = _raw_request(server, head)
-    assert answer.startswith(b"HTTP/1.1 413") and b"larger than the limit" in answer and seconds < 5
+    assert answer.startswith(b"HTTP/1.1 413") and b'{"detail":' in answer and seconds < 5
     # No declared length (chunked): refused once the bytes received pass the limit, not at the end.
     opening = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
     chunk = b"\0" * 65536

@@ -1,0 +1,141 @@
+"""Load on `fmnist serve`: requests/s and latency with single-image PNG uploads, from an asyncio httpx client.
+
+    python benchmarks/serve_load.py RUN_DIR [--seconds 10] [--soak 60]
+
+Starts `fmnist serve RUN_DIR --port 0 --quiet` in its own process, then, from
+this process, keeps C clients busy (C = 1, 8, 32), each sending POST /predict
+with one 28x28 PNG test image (multipart, field `file`) and waiting for the
+answer before sending the next, for --seconds each. Then a soak: 32 clients for
+--soak seconds, which must finish at least 10,000 requests with no error.
+Every answer is checked (status 200 and a class). The client shares the
+machine with the server: on 2 cores it takes a good part of one.
+Measured 2026-11-29 on the 2-core VM: see README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from fmnist import data
+
+BOUNDARY = "fmnistbenchboundary"
+
+
+def bodies(n: int = 256) -> list[bytes]:
+    """n multipart bodies, each one test image as a PNG (encoded once, so the client spends its time sending)."""
+    x, _ = data.load_split(data.locate(), "test")
+    out = []
+    for img in x[:n]:
+        png = io.BytesIO()
+        Image.fromarray(img).save(png, format="PNG")
+        out.append((f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="test.png"\r\n'
+                    f"Content-Type: image/png\r\n\r\n").encode() + png.getvalue() + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return out
+
+
+async def load(url: str, clients: int, seconds: float, payloads: list[bytes]) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+    async def client(k: int) -> None:
+        # A client of its own per simulated user, one connection each: httpx's shared pool slows down with
+        # many connections (at 32, a third of the requests/s of 32 separate clients on the 2-core VM).
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            await _loop(k, http)
+
+    async def _loop(k: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                r = await http.post("/predict", content=payloads[i % len(payloads)], headers=headers)
+                ok = r.status_code == 200 and "label" in r.json()
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - t)
+            errors += not ok
+            i += clients
+
+    start = time.perf_counter()
+    await asyncio.gather(*[client(k) for k in range(clients)])
+    wall = time.perf_counter() - start
+    async with httpx.AsyncClient(base_url=url) as http:
+        health = (await http.get("/health")).json()
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "health": health}
+
+
+def _run(coro):
+    """asyncio.run on uvloop when it is installed (uvicorn[standard] brings it): the client then costs less of
+    the CPU it shares with the server. Python's garbage collector is off while it runs: its pauses in this
+    process are the instrument's, not the server's latency."""
+    gc.collect()
+    gc.disable()
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+    finally:
+        gc.enable()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="the run directory to serve")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds per concurrency level (default: 10)")
+    ap.add_argument("--soak", type=float, default=60.0, help="seconds of the 32-client soak (default: 60)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per concurrency level; medians (default: 3)")
+    args = ap.parse_args()
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", args.run, "--port", "0", "--quiet"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://\S+/", proc.stdout.readline()).group(0).rstrip("/")
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        payloads = bodies()
+        _run(load(url, 8, 2.0, payloads))  # warm-up
+        print("| clients | requests/s | p50 latency | p99 latency | errors | mean batch |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for clients in (1, 8, 32):
+            runs = []
+            for _ in range(args.repeats):
+                before = httpx.get(url + "/health").json()
+                r = _run(load(url, clients, args.seconds, payloads))
+                calls = r["health"]["model_calls"] - before["model_calls"]
+                r["batch"] = (r["health"]["images"] - before["images"]) / max(calls, 1)
+                runs.append(r)
+            med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "batch")}
+            print(f"| {clients} | {med['rps']:,.0f} | {med['p50']:.1f} ms | {med['p99']:.1f} ms | "
+                  f"{sum(r['errors'] for r in runs)} | {med['batch']:.1f} |")
+        soak = _run(load(url, 32, args.soak, payloads))
+        print(f"\nsoak: 32 clients for {args.soak:.0f} s: {soak['requests']:,} requests, {soak['errors']} errors, "
+              f"{soak['rps']:,.0f} requests/s, p50 {soak['p50']:.1f} ms, p99 {soak['p99']:.1f} ms")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
