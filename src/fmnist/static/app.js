@@ -44,7 +44,9 @@ function showError(text) {
 async function send(url, options) {
   try {
     const response = await fetch(url, options);
-    const body = await response.json();
+    const text = await response.text();
+    let body = null;
+    try { body = JSON.parse(text); } catch (err) { body = { detail: text }; }  // a 413 is plain text
     if (!response.ok) {
       const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
       showError(`${response.status}: ${detail}`);
