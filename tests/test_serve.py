@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import assert_one_sentence, run_fmnist, synthetic
+from conftest import synthetic
 from PIL import Image
 
 from fmnist import data, predict, serve
@@ -243,15 +243,21 @@ def test_paths_from_clients_name_nothing_on_the_server(client):
         assert client.get(path).status_code in (404, 422), path
 
 
-def test_serve_errors_are_one_sentence(trained_run, tmp_path):
-    assert_one_sentence(run_fmnist("serve", str(tmp_path / "nothing")), "does not exist")
+def test_serve_errors_are_one_sentence(trained_run, tmp_path, capsys):
+    from fmnist import cli
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert_one_sentence(run_fmnist("serve", str(trained_run), "--port", str(port)), f"port {port}")
-    assert_one_sentence(run_fmnist("serve", str(trained_run), "--port", "70000"), "--port 70000")
-    assert_one_sentence(run_fmnist("serve", str(trained_run), "--max-body-mb", "0"), "--max-body-mb")
+        cases = [([str(tmp_path / "nothing")], "does not exist"), ([str(trained_run), "--port", str(port)],
+                                                                    f"port {port}"),
+                 ([str(trained_run), "--port", "70000"], "--port 70000"),
+                 ([str(trained_run), "--max-body-mb", "0"], "--max-body-mb")]
+        for argv, words in cases:
+            assert cli.main(["serve", *argv]) == 2  # before any server starts
+            err = capsys.readouterr().err
+            assert err.startswith("fmnist: error: ") and words in err and len(err.splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------- the page, in a real browser
