@@ -97,3 +97,22 @@ def test_neuron_weights_are_rows_of_the_first_layer():
 def test_cnn_neurons_are_filters():
     m = models.create("cnn")
     assert models.neuron_weights(m, [1, 32]).shape == (2, 3, 3)
+
+
+def test_multiply_adds_match_a_hand_count():
+    assert models.macs_per_image(models.create("mlp")) == 784 * 256 + 256 * 128 + 128 * 10
+    convs = 28 * 28 * 32 * 1 * 9 + 28 * 28 * 32 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 14 * 14 * 64 * 64 * 9
+    assert models.macs_per_image(models.create("cnn")) == convs + 7 * 7 * 64 * 10
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_model_trains_a_dry_run_and_reports_its_size(name, tiny_dir, tmp_path):
+    from fmnist import train
+    from fmnist.config import TrainConfig
+
+    cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name=name, model=name, dry_run=True,
+                      batch_size=32, val_size=100, device="cpu", plots=False, threads=1)
+    run = train.fit(cfg)
+    model = models.create(name)
+    assert run.summary["parameters"] == models.count_parameters(model)
+    assert run.summary["macs_per_image"] == models.macs_per_image(model) > 0

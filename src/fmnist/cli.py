@@ -377,7 +377,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in models.names():
         with torch.device("meta"):  # shapes only
             m = models.create(name)
-        rows.append({"model": name, "parameters": models.count_parameters(m), "defaults": models.defaults(name),
+        rows.append({"model": name, "parameters": models.count_parameters(m),
+                     "macs_per_image": models.macs_per_image(m), "defaults": models.defaults(name),
                      "track_neurons": models.default_track(name)})
     if args.json:
         _print_json({"models": rows, "presets": config_mod.presets()})
@@ -385,7 +386,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         settings = ", ".join(f"{k}={(','.join(map(str, v)) or 'none') if isinstance(v, (list, tuple)) else v}"
                              for k, v in r["defaults"].items())
-        print(f"{r['model']:<6} {r['parameters']:>9,} parameters   {settings}; "
+        print(f"{r['model']:<6} {r['parameters']:>9,} parameters {r['macs_per_image'] / 1e6:>6.2f}M multiply-adds"
+              f"/image  {settings}; "
               f"tracks neuron {','.join(map(str, r['track_neurons']))}")
     print("presets: " + ", ".join(config_mod.presets()))
     return 0

@@ -239,5 +239,18 @@ def is_conv(model: nn.Module) -> bool:
     return isinstance(first_layer(model), nn.Conv2d)
 
 
+def macs_per_image(model: nn.Module) -> int:
+    """Multiply-adds of one 1x28x28 image through the model, counted by torch's FlopCounterMode on the meta
+    device (shapes only, nothing computed): FLOPs / 2."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(torch.zeros(1, 1, 28, 28, device="meta"))
+    return counter.get_total_flops() // 2
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -304,7 +304,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
         wall_seconds=round(time.perf_counter() - t_start, 2),
         train_samples_per_second=round(len(history) * images_per_epoch
                                        / max(sum(r["seconds"] for r in history), 1e-9)),
-        parameters=models.count_parameters(model), device=str(device), threads=torch.get_num_threads(),
+        parameters=models.count_parameters(model), macs_per_image=models.macs_per_image(model),
+        device=str(device), threads=torch.get_num_threads(),
         torch_version=torch.__version__, seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
     )
     runs.write_summary(run_dir, summary)
