@@ -81,10 +81,12 @@ def test_refuses_to_overwrite_a_run(tiny_dir, tmp_path):
         train.fit(tiny_config(tiny_dir, tmp_path, epochs=1))
 
 
-@pytest.mark.parametrize("schedule,optimizer", [("plateau", "adamw"), ("onecycle", "sgd"), ("cosine", "adam")])
+@pytest.mark.parametrize("schedule,optimizer,extra", [
+    ("plateau", "adamw", {}), ("onecycle", "sgd", {}), ("cosine", "adam", {}),
+    ("linear", "sgd", {"ema": 0.9, "tta": True, "nesterov": True})])
 def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tmp_path, monkeypatch, schedule,
-                                                                    optimizer):
-    kw = dict(epochs=4, schedule=schedule, optimizer=optimizer, dropout=0.1, erase=0.2)
+                                                                    optimizer, extra):
+    kw = dict(epochs=4, schedule=schedule, optimizer=optimizer, dropout=0.1, erase=0.2, **extra)
     whole = train.fit(tiny_config(tiny_dir, tmp_path / "whole", **kw))
 
     real = runs.write_history
@@ -104,6 +106,7 @@ def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tm
     assert len((cut / "history.jsonl").read_text().splitlines()) == 1  # the row of epoch 2 was lost
     resumed = train.fit(TrainConfig(), resume=cut)
     assert_same_weights(weights(whole.dir), weights(resumed.dir))
+    assert_same_weights(weights(whole.dir, "best.pt"), weights(resumed.dir, "best.pt"))  # the EMA's, with ema
     assert [r["val_acc"] for r in whole.history] == [r["val_acc"] for r in resumed.history]
     a, b = np.load(whole.dir / "neurons.npz"), np.load(cut / "neurons.npz")
     np.testing.assert_array_equal(a["neuron_50"], b["neuron_50"])
@@ -221,3 +224,67 @@ def test_resume_keeps_the_thread_count(tiny_dir, tmp_path):
         resumed = train.fit(TrainConfig(), resume=tmp_path / "cut")
     assert resumed.summary["threads"] == threads
     assert_same_weights(weights(whole.dir), weights(resumed.dir))
+
+
+def test_ema_is_the_hand_computed_average(tiny_dir):
+    """After each step the average moves (1 - ema) of the way to the weights; the first step copies them."""
+    from fmnist import data, models
+
+    splits = data.load(tiny_dir, val_size=100)
+    cfg = TrainConfig(hidden=[8], batch_norm=False, optimizer="sgd", lr=0.1, momentum=0.0, ema=0.8, flip=False)
+    torch.manual_seed(0)
+    model = models.create("mlp", hidden=[8], batch_norm=False)
+    twin = models.create("mlp", hidden=[8], batch_norm=False)
+    twin.load_state_dict(model.state_dict())
+    loader = data.BatchLoader(*splits.train, 100, shuffle=False, max_batches=4)
+    ema = train.make_ema(cfg, model)
+    train.train_one_epoch(model, loader, train.make_optimizer(cfg, model.parameters()), ema=ema)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)  # the same steps by hand, the average beside them
+    expected = None
+    for x, y in loader:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(twin(x), y).backward()
+        opt.step()
+        now = [p.detach().clone() for p in twin.parameters()]
+        expected = now if expected is None else [0.8 * e + 0.2 * w for e, w in zip(expected, now)]
+    for got, want in zip(ema.module.parameters(), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_tta_is_the_hand_computed_mean():
+    from fmnist import models
+
+    torch.manual_seed(0)
+    model = models.create("cnn", channels=[4], batch_norm=False).eval()
+    x = torch.randn(3, 1, 28, 28)
+    idx = torch.arange(28)
+    up_left = x[..., (idx - 1).clamp(0, 27)[:, None], (idx - 1).clamp(0, 27)[None, :]]  # content moved down-right
+    down_right = x[..., (idx + 1).clamp(0, 27)[:, None], (idx + 1).clamp(0, 27)[None, :]]
+    with torch.no_grad():
+        m = [(model(v) + model(torch.flip(v, dims=[3]))) / 2 for v in (x, up_left, down_right)]
+        want = m[0] / 2 + (m[1] + m[2]) / 4
+        torch.testing.assert_close(models.tta_logits(model, x), want)
+
+
+def test_linear_schedule_warms_up_then_falls_to_zero():
+    cfg = TrainConfig(schedule="linear", warmup=0.2, lr=1.0)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched, per_batch = train.make_schedule(cfg, opt, steps_per_epoch=5, epochs=2)  # 10 steps, 2 of warm-up
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert per_batch and lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_bf16_and_channels_last_train_a_convnet_that_loads_anywhere(tiny_dir, tmp_path):
+    from fmnist import predict
+
+    run = train.fit(tiny_config(tiny_dir, tmp_path, model="cnn", hidden=None, channels=[4, 8], track_neurons=None,
+                                epochs=1, precision="bf16", channels_last=True, tta=True, ema=0.5))
+    assert 0 < run.summary["test_accuracy"] <= 1
+    model, cfg, _ = runs.load_model(run.dir)  # a plain, contiguous model
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    x = torch.zeros(2, 28, 28, dtype=torch.uint8).numpy()
+    assert predict.Predictor(run.dir).probabilities(x).shape == (2, 10)

@@ -29,7 +29,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("plateau", "onecycle", "cosine", "none")
+SCHEDULES = ("plateau", "onecycle", "cosine", "linear", "none")
+PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODEL_FIELDS = ("hidden", "channels", "activation", "dropout", "batch_norm")
 # Where the data lives, where the run goes and how it is shown are not part of what a run *is*:
@@ -79,10 +80,18 @@ class TrainConfig:
     nesterov: bool = _f(False, "Nesterov momentum for SGD (needs momentum > 0)", "bool")
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", "float")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss, in [0, 1)", "float")
-    schedule: str = _f("onecycle", "learning-rate schedule: plateau, onecycle, cosine, none", "str")
+    schedule: str = _f("onecycle", "learning-rate schedule: plateau, onecycle, cosine, linear (warm-up, then down "
+                                   "to 0), none", "str")
+    warmup: float = _f(0.1, "linear: the fraction of the steps spent rising from 0 to lr, in [0, 1)", "float")
     plateau_factor: float = _f(0.5, "plateau: multiply the lr by this (in (0, 1)) when val loss stalls", "float")
     plateau_patience: int = _f(1, "plateau: epochs without improvement before reducing", "int")
     min_lr: float = _f(1e-5, "plateau/cosine: lowest learning rate", "float")
+    ema: float = _f(0.0, "decay per step of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
+                          "validation, best.pt and the test use the average", "float")
+    tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image, its "
+                          "mirror and 1-pixel shifts", "bool")
+    precision: str = _f("fp32", "fp32, or bf16 (autocast on CPU and CUDA: faster convolutions, fp32 weights)", "str")
+    channels_last: bool = _f(False, "channels-last memory format for convolutions (faster on CPU)", "bool")
     # data
     flip: bool = _f(True, "augment: random horizontal flips", "bool")
     translate: int = _f(0, "augment: random shifts of up to this many pixels (0 = off, at most 14)", "int")
@@ -114,7 +123,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name} must be a finite number, got {v}.")
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES)):
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown {name} '{getattr(self, name)}'; known: {', '.join(choices)}.")
         _at_least(self, 1, "epochs", "batch_size", "val_size")
@@ -137,7 +147,7 @@ class TrainConfig:
             raise ConfigError(f"init_std must be positive, got {self.init_std}.")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError(f"plateau_factor must be between 0 and 1 (exclusive), got {self.plateau_factor}.")
-        for name in ("momentum", "label_smoothing"):
+        for name in ("momentum", "label_smoothing", "ema", "warmup"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.dropout is not None and not 0 <= self.dropout < 1:

@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, distributed, runs
+from . import data, distributed, models, runs
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False):
-    """(mean loss, accuracy) or, with return_predictions, (loss, acc, probabilities (N, 10))."""
+def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False, tta: bool = False):
+    """(mean loss, accuracy) or, with return_predictions, (loss, acc, probabilities (N, 10)); `tta`: see
+    models.tta_logits."""
     model.eval()
     loss_sum, correct, n, probs = 0.0, 0, 0, []
     for x, y in loader:
-        logits = model(x)
+        logits = models.tta_logits(model, x) if tta else model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
@@ -52,7 +53,8 @@ def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = N
     splits = load_splits(cfg, data_dir)
     x, y = splits.test if split == "test" else splits.val
     with distributed.cpu_share():
-        loss, acc, probs = evaluate(model.to(dev), data.BatchLoader(x, y, 1024, device=dev), return_predictions=True)
+        loss, acc, probs = evaluate(model.to(dev), data.BatchLoader(x, y, 1024, device=dev), return_predictions=True,
+                                    tta=cfg.tta)
     cm = confusion_matrix(y, probs.argmax(1))
     per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
     return dict(checkpoint=str(path), split=split, images=len(y), epoch=ckpt.get("epoch"),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import MEAN, STD
@@ -160,6 +161,18 @@ def cnn(channels=(32, 64), hidden=(), activation="relu", dropout=0.0, batch_norm
     return CNN(tuple(channels), activation, dropout, tuple(hidden), batch_norm)
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation, as airbench's: half the mean logits of the image and its mirror, half the same
+    for the image shifted 1 pixel up-left and 1 pixel down-right (edges repeated). x: (B, 1, 28, 28)."""
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (model(v) + model(v.flip(-1)))
+
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    shifted = 0.5 * (mirrored(padded[..., 0:h, 0:w]) + mirrored(padded[..., 2:h + 2, 2:w + 2]))
+    return 0.5 * mirrored(x) + 0.5 * shifted
+
+
 class PixelClassifier(nn.Module):
     """A model for use outside training: (N, 28, 28) pixels 0-255 in, (N, classes) probabilities out.
 
@@ -167,13 +180,14 @@ class PixelClassifier(nn.Module):
     TorchScript) takes what an image decoder gives and needs nothing of fmnist.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tta: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.tta = model, tta  # tta: as the run was validated and tested (its config's `tta`)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD  # (N, 1, 28, 28), as data.normalize
-        return torch.softmax(self.model(x).float(), dim=1)
+        logits = tta_logits(self.model, x) if self.tta else self.model(x)
+        return torch.softmax(logits.float(), dim=1)
 
 
 def init_weights(model: nn.Module, scheme: str = "xavier", std: float = 0.01) -> nn.Module:

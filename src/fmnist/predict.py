@@ -316,7 +316,7 @@ class Predictor:
         from . import data, distributed, runs
 
         model, cfg, ckpt = runs.load_model(path)
-        self._use_module(model, data.CLASSES, distributed.pick_device(device))
+        self._use_module(model, data.CLASSES, distributed.pick_device(device), tta=cfg.tta)
         self.backend = "pytorch"
         self.info = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"]}
         run_dir = path if path.is_dir() else path.parent
@@ -326,7 +326,7 @@ class Predictor:
             except runs.RunError:
                 pass  # a damaged summary takes nothing from classification
 
-    def _use_module(self, model, classes, device) -> None:
+    def _use_module(self, model, classes, device, tta: bool = False) -> None:
         import torch
 
         from . import models
@@ -335,7 +335,7 @@ class Predictor:
         self.classes = tuple(classes)
         self._torch = torch
         self._device = device
-        self._module = models.PixelClassifier(model).to(device).eval()
+        self._module = models.PixelClassifier(model, tta).to(device).eval()
         self._run = self._run_torch
 
     def _load_onnx(self, path: Path) -> None:
@@ -575,7 +575,7 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
             raise PredictError("exporting to ONNX needs onnx, onnxscript and onnxruntime: "
                                "pip install 'fmnist[onnx]'.") from None
     model, cfg, ckpt = runs.load_model(run_dir)
-    wrapped = models.PixelClassifier(model).eval()
+    wrapped = models.PixelClassifier(model, cfg.tta).eval()
     directory = data.locate(runs.data_dir_for(cfg.data_dir, data_dir))
     images = data.load_split(directory, "test")[0][:CHECK_IMAGES]
     pixels = images.astype(np.float32)

@@ -104,7 +104,7 @@ def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
         dev = distributed.pick_device(device)
         with distributed.cpu_share():
             _, _, test_probs = evaluate.evaluate(model.to(dev), data.BatchLoader(*splits.test, 1024, device=dev),
-                                                 return_predictions=True)
+                                                 return_predictions=True, tta=best_cfg.tta)
     n = len(test_probs)
     paths = plots.plot_run(run_dir, history, summary, neurons, splits.test[0][:n].numpy(),
                            splits.test[1][:n].numpy(), test_probs.numpy(), splits.train[0].numpy(),

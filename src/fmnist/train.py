@@ -90,15 +90,39 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch:
             opt, max_lr=cfg.lr, total_steps=steps_per_epoch * epochs), True
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=cfg.min_lr), False
+    if cfg.schedule == "linear":  # airbench's: up from 0 for the warm-up steps, then straight down to 0
+        total = steps_per_epoch * epochs
+        rise = max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0
+
+        def factor(step: int) -> float:
+            if step < rise:
+                return (step + 1) / rise
+            return max(0.0, (total - step) / max(1, total - rise))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor), True
     return None, False
+
+
+def make_ema(cfg: TrainConfig, model: nn.Module):
+    """An exponential moving average of the weights (and batch-norm statistics), or None.
+
+    torch's AveragedModel: the first update copies the weights, each later one
+    moves the average (1 - ema) of the way to them.
+    """
+    if cfg.ema == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
 
 # ---------------------------------------------------------------- one epoch
 
 def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim.Optimizer,
                     sched=None, label_smoothing: float = 0.0, progress: bool = False,
-                    desc: str = "") -> tuple[float, float, float]:
-    """(mean loss, accuracy, seconds) over the epoch; `sched` is stepped per batch if given."""
+                    desc: str = "", ema=None, bf16: bool = False) -> tuple[float, float, float]:
+    """(mean loss, accuracy, seconds) over the epoch; `sched` is stepped per batch if given, `ema` updated
+    after every step; `bf16`: the forward pass under bfloat16 autocast."""
     from tqdm import tqdm
 
     model.train()
@@ -107,11 +131,14 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim
     correct = torch.zeros((), dtype=torch.long, device=loader.device)
     n = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if sched is not None:
             sched.step()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per batch
@@ -210,6 +237,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(cfg, model)
     aug = data.Augment(cfg.flip, cfg.translate, cfg.erase)
     limit = DRY_RUN_BATCHES if cfg.dry_run else None
     train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=aug,
@@ -226,6 +256,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
         last = run_dir / "last.pt"
         runs.load_state(model, state["model"], last)
         try:
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["optimizer"])
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
@@ -249,8 +281,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
             lr = opt.param_groups[0]["lr"]
             tr_loss, tr_acc, secs = train_one_epoch(
                 model, train_loader, opt, sched if per_batch else None, cfg.label_smoothing,
-                progress, desc=f"epoch {epoch}/{epochs}")
-            val_loss, val_acc = evaluate(model, val_loader)
+                progress, desc=f"epoch {epoch}/{epochs}", ema=ema, bf16=cfg.precision == "bf16")
+            kept = ema.module if ema is not None else model  # what validation, best.pt and the test use
+            val_loss, val_acc = evaluate(kept, val_loader, tta=cfg.tta)
             if not (math.isfinite(tr_loss) and math.isfinite(val_loss)):
                 last = f"The last good checkpoint is {run_dir / 'last.pt'}." if epoch > 1 else "No epoch was saved."
                 raise TrainError(f"training diverged at epoch {epoch} (loss is {tr_loss}); try a lower --lr. {last}")
@@ -264,12 +297,12 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
             cfg_dict = dataclasses.asdict(cfg)
             if val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "epoch": epoch}
-                runs.save_checkpoint({"model": model.state_dict(), "config": cfg_dict, "epoch": epoch,
+                runs.save_checkpoint({"model": _plain(kept.state_dict()), "config": cfg_dict, "epoch": epoch,
                                       "val_acc": val_acc, "data": splits.digest}, run_dir / "best.pt")
             runs.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict() if sched is not None else {},
                                   "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
-                                  "data": splits.digest,
+                                  "data": splits.digest, **({"ema": ema.state_dict()} if ema is not None else {}),
                                   "threads": torch.get_num_threads() if device.type == "cpu" else 0,
                                   "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
                                  run_dir / "last.pt")
@@ -295,7 +328,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
         n_test = 2048 if cfg.dry_run else len(splits.test[1])
         test_split = (splits.test[0][:n_test], splits.test[1][:n_test])
         test_loss, test_acc, test_probs = evaluate(model, data.BatchLoader(*test_split, 1024, device=device),
-                                                   return_predictions=True)
+                                                   return_predictions=True, tta=cfg.tta)
         test_figures = dict(test_accuracy=test_acc, test_loss=test_loss)
     images_per_epoch = min(len(splits.train[1]), len(train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
@@ -314,6 +347,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
 
         report.draw(run_dir, splits=splits, test_probs=test_probs, final_model=final_model)
     return Run(run_dir, summary, history)
+
+
+def _plain(state: dict) -> dict:
+    """A state dict in the standard (contiguous) layout: a channels-last run's best.pt loads anywhere."""
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 # ---------------------------------------------------------------- TensorBoard
