@@ -288,3 +288,14 @@ def test_bf16_and_channels_last_train_a_convnet_that_loads_anywhere(tiny_dir, tm
     assert all(t.is_contiguous() for t in model.state_dict().values())
     x = torch.zeros(2, 28, 28, dtype=torch.uint8).numpy()
     assert predict.Predictor(run.dir).probabilities(x).shape == (2, 10)
+
+
+def test_bf16_on_a_cpu_without_it_says_so(tiny_dir, tmp_path, monkeypatch):
+    said: list[str] = []
+    monkeypatch.setattr(train, "native_bf16", lambda: False)
+    train.fit(tiny_config(tiny_dir, tmp_path, precision="bf16", dry_run=True), echo=said.append)
+    assert any("no native bfloat16" in s for s in said)
+    said.clear()
+    monkeypatch.setattr(train, "native_bf16", lambda: True)
+    train.fit(tiny_config(tiny_dir, tmp_path, name="other", precision="bf16", dry_run=True), echo=said.append)
+    assert not any("bfloat16" in s for s in said)
