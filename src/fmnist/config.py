@@ -90,7 +90,8 @@ class TrainConfig:
                           "validation, best.pt and the test use the average", "float")
     tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image, its "
                           "mirror and 1-pixel shifts", "bool")
-    precision: str = _f("fp32", "fp32, or bf16 (autocast on CPU and CUDA: faster convolutions, fp32 weights)", "str")
+    precision: str = _f("fp32", "fp32, or bf16 (autocast, fp32 weights: faster where the hardware computes "
+                                "bfloat16, AVX-512 BF16, AMX or a recent GPU; far slower where it does not)", "str")
     channels_last: bool = _f(False, "channels-last memory format for convolutions (faster on CPU)", "bool")
     # data
     flip: bool = _f(True, "augment: random horizontal flips", "bool")
