@@ -116,3 +116,15 @@ def test_every_model_trains_a_dry_run_and_reports_its_size(name, tiny_dir, tmp_p
     model = models.create(name)
     assert run.summary["parameters"] == models.count_parameters(model)
     assert run.summary["macs_per_image"] == models.macs_per_image(model) > 0
+
+
+def test_resnet_stages_and_blocks():
+    m = models.create("resnet", channels=[8, 16, 32], blocks=3)
+    blocks = [b for b in m.modules() if isinstance(b, models.ResidualBlock)]
+    assert len(blocks) == 9
+    projections = [b for b in blocks if not isinstance(b.shortcut, nn.Identity)]
+    assert len(projections) == 2  # where the width doubles and the resolution halves: 28 -> 14 -> 7
+    feats = m.net[:-3](torch.randn(2, 1, 28, 28))  # before pooling
+    assert feats.shape == (2, 32, 7, 7)
+    with pytest.raises(models.ModelError, match="blocks"):
+        models.create("mlp", blocks=2)

@@ -32,7 +32,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("plateau", "onecycle", "cosine", "linear", "none")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-MODEL_FIELDS = ("hidden", "channels", "activation", "dropout", "batch_norm")
+MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_norm")
 # Where the data lives, where the run goes and how it is shown are not part of what a run *is*:
 # two configs that differ only in these train the same model.
 NOT_IDENTITY = ("data_dir", "out_dir", "name", "plots", "tensorboard", "device", "threads", "dry_run")
@@ -62,8 +62,9 @@ class TrainConfig:
     model: str = _f("mlp", "model name (see `fmnist models`)", "str")
     hidden: list[int] | None = _f(None, "hidden layer widths, comma-separated (mlp: 256,128; cnn: the linear head, "
                                         "none by default; 0 for none)", "ints")
-    channels: list[int] | None = _f(None, "cnn: channels of each conv block, comma-separated (default 32,64)",
-                                    "ints")
+    channels: list[int] | None = _f(None, "cnn: channels of each conv block, comma-separated (default 32,64); "
+                                          "resnet: of each stage (default 16,32,64)", "ints")
+    blocks: int | None = _f(None, "resnet: residual blocks per stage (default 2)", "int")
     activation: str | None = _f(None, "hidden activation: relu, gelu, silu, tanh, sigmoid, leaky_relu "
                                       "(default relu)", "str")
     dropout: float | None = _f(None, "dropout probability (mlp: after each hidden layer; cnn: before the head; "
@@ -169,6 +170,8 @@ class TrainConfig:
             if not 1 <= len(self.channels) <= 4 or any(not 1 <= c <= MAX_CHANNELS for c in self.channels):
                 raise ConfigError(f"channels must list 1 to 4 blocks (each halves the 28 pixels), each of "
                                   f"1 to {MAX_CHANNELS} channels, got {self.channels}.")
+        if self.blocks is not None and not 1 <= self.blocks <= 16:
+            raise ConfigError(f"blocks must be between 1 and 16 per stage, got {self.blocks}.")
         if self.track_neurons is not None:
             if any(n < 1 for n in self.track_neurons):
                 raise ConfigError(f"track_neurons are 1-based, got {self.track_neurons}.")

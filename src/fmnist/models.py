@@ -190,6 +190,55 @@ class PixelClassifier(nn.Module):
         return torch.softmax(logits.float(), dim=1)
 
 
+class ResidualBlock(nn.Module):
+    """conv-BN-act-conv-BN plus the input (a 1x1 conv where the shape changes), then act: ResNet's basic block."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str, batch_norm: bool):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not batch_norm), norm(c_out), _activation(activation),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=not batch_norm), norm(c_out))
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=not batch_norm), norm(c_out))
+        self.act = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet for 28x28: a 3x3 stem, stages of `blocks` residual blocks (each stage after the first
+    halves the resolution: 28, 14, 7, 4), global average pooling and a linear head."""
+
+    def __init__(self, channels: tuple[int, ...] | list[int], blocks: int, activation: str, dropout: float,
+                 batch_norm: bool, classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(1, channels[0], 3, padding=1, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(channels[0]))
+        layers.append(_activation(activation))
+        c_in = channels[0]
+        for stage, c in enumerate(channels):
+            for b in range(blocks):
+                layers.append(ResidualBlock(c_in, c, 2 if stage > 0 and b == 0 else 1, activation, batch_norm))
+                c_in = c
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(c_in, classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register("resnet", track=(1, 8))
+def resnet(channels=(16, 32, 64), blocks=2, activation="relu", dropout=0.0, batch_norm=True) -> nn.Module:
+    """Stages of `channels` widths, `blocks` residual blocks each (the default: 2x3 blocks, a ResNet-14)."""
+    return ResNet(tuple(channels), blocks, activation, dropout, batch_norm)
+
+
 def init_weights(model: nn.Module, scheme: str = "xavier", std: float = 0.01) -> nn.Module:
     """Re-initialise every Linear and Conv2d weight; biases go to zero (except 'default').
 
