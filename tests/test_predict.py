@@ -398,3 +398,12 @@ def test_render_makes_light_off_centre_photos():
     raw, suffix = render(img, np.random.default_rng(3))
     im = Image.open(io.BytesIO(raw))
     assert min(im.size) >= 4 * 28 and not predict.looks_like_dataset(predict.open_image(raw))
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF"])
+def test_every_promised_format_gives_the_png_result(fmt):
+    im = Image.new("RGB", (90, 60), (250, 250, 250))
+    im.paste((40, 60, 80), (10, 15, 70, 50))
+    out = io.BytesIO()
+    im.save(out, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    np.testing.assert_array_equal(predict.prepare(out.getvalue())[0], predict.prepare(_png(im))[0])
