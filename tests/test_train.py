@@ -299,3 +299,39 @@ def test_bf16_on_a_cpu_without_it_says_so(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "native_bf16", lambda: True)
     train.fit(tiny_config(tiny_dir, tmp_path, name="other", precision="bf16", dry_run=True), echo=said.append)
     assert not any("bfloat16" in s for s in said)
+
+
+def test_distillation_loss_is_the_hand_computed_one():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 10), torch.randn(5, 10), torch.randint(0, 10, (5,))
+    T, w = 3.0, 0.7
+    p_t, p_s = (t / T).softmax(1), (s / T).softmax(1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    ce = -(s.log_softmax(1)[torch.arange(5), y]).mean()
+    torch.testing.assert_close(train.distill_loss(s, t, y, T, w), (1 - w) * ce + w * T * T * kl)
+    torch.testing.assert_close(train.distill_loss(s, t, y, T, 0.0), ce)  # weight 0: the labels alone
+
+
+def test_a_student_learns_from_a_teacher_run(tiny_dir, tmp_path, monkeypatch):
+    teacher = train.fit(tiny_config(tiny_dir, tmp_path, name="teacher", model="cnn", hidden=None, channels=[4, 8],
+                                    track_neurons=None, epochs=2))
+    seen = []
+    real = train.distill_loss
+
+    def spy(*a, **kw):
+        seen.append(a[3:5])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "distill_loss", spy)
+    monkeypatch.chdir(tmp_path)  # a relative --teacher is kept as an absolute path
+    student = train.fit(tiny_config(tiny_dir, tmp_path, name="student", epochs=2, teacher="teacher",
+                                    distill_temperature=2.0, distill_weight=0.9))
+    assert seen and set(seen) == {(2.0, 0.9)}
+    assert runs.read_config(student.dir).teacher == str(teacher.dir.resolve())
+    assert 0 < student.summary["test_accuracy"] <= 1
+
+
+def test_a_missing_teacher_is_one_sentence_and_writes_nothing(tiny_dir, tmp_path):
+    with pytest.raises(train.TrainError, match="--teacher"):
+        train.fit(tiny_config(tiny_dir, tmp_path, teacher=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "run").exists()

@@ -87,6 +87,12 @@ class TrainConfig:
     plateau_factor: float = _f(0.5, "plateau: multiply the lr by this (in (0, 1)) when val loss stalls", "float")
     plateau_patience: int = _f(1, "plateau: epochs without improvement before reducing", "int")
     min_lr: float = _f(1e-5, "plateau/cosine: lowest learning rate", "float")
+    teacher: str = _f("", "knowledge distillation: a trained run directory whose softened predictions the model "
+                          "also learns from (empty: off)", "str")
+    distill_temperature: float = _f(4.0, "distillation: the temperature that softens both models' predictions",
+                                    "float")
+    distill_weight: float = _f(0.5, "distillation: the weight of the teacher's targets against the labels, "
+                                    "in [0, 1]", "float")
     ema: float = _f(0.0, "decay per step of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
                           "validation, best.pt and the test use the average", "float")
     tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image, its "
@@ -170,6 +176,10 @@ class TrainConfig:
             if not 1 <= len(self.channels) <= 4 or any(not 1 <= c <= MAX_CHANNELS for c in self.channels):
                 raise ConfigError(f"channels must list 1 to 4 blocks (each halves the 28 pixels), each of "
                                   f"1 to {MAX_CHANNELS} channels, got {self.channels}.")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}.")
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight}.")
         if self.blocks is not None and not 1 <= self.blocks <= 16:
             raise ConfigError(f"blocks must be between 1 and 16 per stage, got {self.blocks}.")
         if self.track_neurons is not None:

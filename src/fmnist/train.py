@@ -111,6 +111,29 @@ def native_bf16() -> bool:
         return True
 
 
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                 weight: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 - weight) x cross-entropy with the labels + weight x T^2 x KL(teacher || student) at temperature T
+    (Hinton, Vinyals, Dean 2015; T^2 keeps the soft targets' gradients on the labels' scale)."""
+    hard = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1 - weight) * hard + weight * temperature**2 * soft
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The teacher run's best model, frozen, or None without --teacher."""
+    if not cfg.teacher:
+        return None
+    try:
+        teacher, _, _ = runs.load_model(cfg.teacher)
+    except RunError as e:
+        raise TrainError(f"--teacher: {e}") from None
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
 def make_ema(cfg: TrainConfig, model: nn.Module):
     """An exponential moving average of the weights (and batch-norm statistics), or None.
 
@@ -128,9 +151,11 @@ def make_ema(cfg: TrainConfig, model: nn.Module):
 
 def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim.Optimizer,
                     sched=None, label_smoothing: float = 0.0, progress: bool = False,
-                    desc: str = "", ema=None, bf16: bool = False) -> tuple[float, float, float]:
+                    desc: str = "", ema=None, bf16: bool = False, teacher: nn.Module | None = None,
+                    distill: tuple[float, float] = (4.0, 0.5)) -> tuple[float, float, float]:
     """(mean loss, accuracy, seconds) over the epoch; `sched` is stepped per batch if given, `ema` updated
-    after every step; `bf16`: the forward pass under bfloat16 autocast."""
+    after every step; `bf16`: the forward pass under bfloat16 autocast; `teacher`: distillation at
+    `distill` = (temperature, weight)."""
     from tqdm import tqdm
 
     model.train()
@@ -141,7 +166,12 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if teacher is None:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            else:
+                with torch.no_grad():
+                    taught = teacher(x).float()  # the teacher sees the same augmented batch
+                loss = distill_loss(logits.float(), taught, y, *distill, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -181,8 +211,11 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         cfg = runs.resolve(cfg)
         if cfg.data_dir:  # a relative path means "from here": keep it meaningful from anywhere
             cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
+        if cfg.teacher:  # likewise
+            cfg = dataclasses.replace(cfg, teacher=str(Path(cfg.teacher).resolve()))
         data_at = cfg.data_dir or None
     device = distributed.pick_device(cfg.device)
+    teacher = load_teacher(cfg, device)  # before anything is written: a missing teacher is one sentence
     splits = data.load(data_at, cfg.val_size, cfg.split_seed)
     if state is not None and state.get("data", splits.digest) != splits.digest:
         raise RunError(f"{splits.directory} does not hold the data that {run_dir} was trained on (the files differ); "
@@ -201,7 +234,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     share = distributed.cpu_share(threads) if device.type == "cpu" else contextlib.nullcontext()
     try:
         with share:
-            return _fit(cfg, run_dir, state, splits, device, progress, echo, command, on_epoch, test, t_start)
+            return _fit(cfg, run_dir, state, splits, device, progress, echo, command, on_epoch, test, t_start,
+                        teacher)
     except KeyboardInterrupt:
         if (run_dir / "summary.json").is_file() and not (run_dir / "report.html").is_file() and cfg.plots:
             raise Interrupted(run_dir, resumable=False, drawing=True) from None
@@ -241,7 +275,7 @@ def _resume_state(run_dir: Path) -> tuple[dict, TrainConfig]:
 
 def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Splits, device: torch.device,
          progress: bool, echo: Callable[[str], None], command: str, on_epoch: Callable[[dict], None] | None,
-         test: bool, t_start: float) -> Run:
+         test: bool, t_start: float, teacher: nn.Module | None = None) -> Run:
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
     if cfg.precision == "bf16" and device.type == "cpu" and not native_bf16():
         echo("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
@@ -292,7 +326,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
             lr = opt.param_groups[0]["lr"]
             tr_loss, tr_acc, secs = train_one_epoch(
                 model, train_loader, opt, sched if per_batch else None, cfg.label_smoothing,
-                progress, desc=f"epoch {epoch}/{epochs}", ema=ema, bf16=cfg.precision == "bf16")
+                progress, desc=f"epoch {epoch}/{epochs}", ema=ema, bf16=cfg.precision == "bf16",
+                teacher=teacher, distill=(cfg.distill_temperature, cfg.distill_weight))
             kept = ema.module if ema is not None else model  # what validation, best.pt and the test use
             val_loss, val_acc = evaluate(kept, val_loader, tta=cfg.tta)
             if not (math.isfinite(tr_loss) and math.isfinite(val_loss)):
