@@ -11,6 +11,7 @@ default run beside two busy ones took 6.9x its quiet time instead of about 3x.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -64,6 +65,9 @@ def cpu_share(threads: int = 0) -> Iterator[int]:
             _release(claim)
 
 
+_CLAIMS = itertools.count(1)  # this process's claims, numbered (an object's id() can repeat once it is freed)
+
+
 def _claim() -> tuple[IO, Path] | None:
     """A locked file of this process and its path, or None without file locks (all cores are then used)."""
     try:
@@ -71,7 +75,7 @@ def _claim() -> tuple[IO, Path] | None:
 
         d = _claims_dir()
         d.mkdir(mode=0o700, exist_ok=True)
-        name = f"{os.getpid()}-{id(d)}"
+        name = f"{os.getpid()}-{next(_CLAIMS)}"  # unique while it is held, also among one process's claims
         f = open(d / (name + ".new"), "w")  # held open: the lock lives with it
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(d / (name + ".new"), d / name)  # only locked files carry a claim's name
