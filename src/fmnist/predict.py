@@ -319,12 +319,10 @@ class Predictor:
         self._use_module(model, data.CLASSES, distributed.pick_device(device), tta=cfg.tta)
         self.backend = "pytorch"
         self.info = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"]}
-        run_dir = path if path.is_dir() else path.parent
-        if (run_dir / "summary.json").is_file():
-            try:
-                self.info["summary"] = runs.read_summary(run_dir, need=())
-            except runs.RunError:
-                pass  # a damaged summary takes nothing from classification
+        self.model = model  # the bare network (normalised images in, logits out), for who needs its layers
+        summary = _run_summary(path if path.is_dir() else path.parent)
+        if summary is not None:
+            self.info["summary"] = summary
 
     def _use_module(self, model, classes, device, tta: bool = False) -> None:
         import torch
@@ -489,6 +487,18 @@ def overview(shown: list[tuple[Any, np.ndarray, dict]], path: Path, cell: int = 
     return path
 
 
+def _run_summary(run_dir: Path) -> dict | None:
+    """The run's summary.json, or None where it is missing or damaged (it takes nothing from classifying)."""
+    from . import runs
+
+    if not (run_dir / "summary.json").is_file():
+        return None
+    try:
+        return runs.read_summary(run_dir, need=())
+    except runs.RunError:
+        return None
+
+
 def _name(item: Any) -> str | None:
     if isinstance(item, (str, Path)):
         return str(item)
@@ -584,11 +594,9 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
     meta = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"],
             "input": "pixels: (N, 28, 28) float32, 0-255, a light object on black",
             "output": "probabilities: (N, classes) float32"}
-    if (run_dir / "summary.json").is_file():
-        try:
-            meta["summary"] = runs.read_summary(run_dir, need=())
-        except runs.RunError:
-            pass
+    summary = _run_summary(run_dir)
+    if summary is not None:
+        meta["summary"] = summary
     path = run_dir / EXPORT_FORMATS[fmt]
     check: dict[str, Any] = {}
 

@@ -107,7 +107,7 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
 
     run_dir = Path(run_dir)
     predictor = predict.Predictor(run_dir, device=device, batch_size=1024)
-    model, cfg, ckpt = runs.load_model(run_dir)
+    model, epoch = predictor.model, predictor.info["epoch"]  # best.pt, read once
     final = models.first_layer_pictures(model).numpy()  # (units, h, w): every first-layer neuron at best.pt
     summary = predictor.info.get("summary", {})
     batcher = Batcher(predictor)
@@ -119,7 +119,8 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
         task.cancel()
 
     app = FastAPI(title="fmnist", version=__version__, lifespan=lifespan, max_body_size=max_body,
-                  description=f"Fashion-MNIST classifier from the run `{run_dir.name}` ({cfg.model}). Request "
+                  description=f"Fashion-MNIST classifier from the run `{run_dir.name}` "
+                              f"({predictor.info['model']}). Request "
                               f"bodies over {max_body:,} bytes are refused with 413.")
 
     async def classify(prepared: list[tuple[np.ndarray, str]], names: list[str | None], top_k: int,
@@ -163,8 +164,8 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
 
     @app.get("/model", summary="The run's configuration, size and accuracy")
     async def model_info():
-        return {"name": run_dir.name, "model": cfg.model, "config": predictor.info["config"],
-                "parameters": models.count_parameters(model), "epoch": ckpt["epoch"],
+        return {"name": run_dir.name, "model": predictor.info["model"], "config": predictor.info["config"],
+                "parameters": models.count_parameters(model), "epoch": epoch,
                 "validation_accuracy": summary.get("best_val_accuracy"),
                 "test_accuracy": summary.get("test_accuracy"), "classes": list(predictor.classes)}
 
@@ -196,7 +197,7 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
             labels = [f"epoch {e}" for e in range(len(frames))]
         else:
             frames = final[k - 1][None]
-            labels = [f"best.pt (epoch {ckpt['epoch']}); train with --track-neurons {k} to follow it"]
+            labels = [f"best.pt (epoch {epoch}); train with --track-neurons {k} to follow it"]
         scale = float(np.abs(frames).max()) or 1.0  # one colour scale across the epochs, as neuron_<k>.png
         return {"neuron": k, "labels": labels, "scale": scale,
                 "frames": np.round(frames, 6).tolist()}
