@@ -57,7 +57,7 @@ def race(cfg, splits, model0, epochs: int, target: float, seed: int) -> tuple[Co
     """One race, fmnist against the tutorial, from the same initial weights; epochs alternate."""
     n_train = len(splits.train[1])
     fast_model = copy.deepcopy(model0)
-    fast_opt = train.make_optimizer(cfg, fast_model.parameters())
+    fast_opt = train.make_optimizer(cfg, fast_model)
     loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=data.Augment(flip=True),
                               seed=seed)
     val = data.BatchLoader(*splits.val, 1024)

@@ -55,7 +55,7 @@ def test_every_preset_loads_and_validates(name):
 
 
 def test_presets_shipped():
-    assert {"quick", "course", "cnn"} <= set(config.presets())
+    assert {"quick", "course", "mlp-fast", "cnn-fast", "mlp-best", "cnn-best"} <= set(config.presets())
 
 
 def test_unknown_preset():

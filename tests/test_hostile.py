@@ -383,7 +383,7 @@ def test_last_batch_of_one_image_joins_the_one_before(tiny_dir, tmp_path):
 
 def test_cnn_without_a_preset_gets_its_own_defaults(tiny_dir, tmp_path):
     cfg = runs.resolve(TrainConfig(model="cnn"))
-    assert cfg.channels == [32, 64] and cfg.hidden == [] and cfg.track_neurons == [1, 8]
+    assert cfg.channels == [32, 64, 128] and cfg.hidden == [] and cfg.track_neurons == [1, 8]
     mlp = runs.resolve(TrainConfig(model="mlp", hidden=[32]))
     assert mlp.track_neurons == [1]  # neuron 50 does not exist in a layer of 32: the default follows the model
     assert mlp.channels is None and "channels" not in (tmp_path / "x").as_posix()

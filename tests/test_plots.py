@@ -92,8 +92,8 @@ def test_no_plots_flag(tiny_dir, tmp_path):
 
 
 def test_cnn_shows_filters(tiny_dir, tmp_path):
-    cfg = dataclasses.replace(config.preset("cnn"), data_dir=str(tiny_dir), out_dir=str(tmp_path), name="cnn",
-                              epochs=1, val_size=100, device="cpu")
+    cfg = dataclasses.replace(config.preset("cnn-fast"), data_dir=str(tiny_dir), out_dir=str(tmp_path), name="cnn",
+                              epochs=1, val_size=100, device="cpu", channels=[8, 16])
     run = train.fit(cfg)
     for name in ("neuron_1.png", "neuron_8.gif", "neurons_atlas.png"):
         not_blank(run.dir / "plots" / name)

@@ -238,7 +238,7 @@ def test_ema_is_the_hand_computed_average(tiny_dir):
     twin.load_state_dict(model.state_dict())
     loader = data.BatchLoader(*splits.train, 100, shuffle=False, max_batches=4)
     ema = train.make_ema(cfg, model)
-    train.train_one_epoch(model, loader, train.make_optimizer(cfg, model.parameters()), ema=ema)
+    train.train_one_epoch(model, loader, train.make_optimizer(cfg, model), ema=ema)
     opt = torch.optim.SGD(twin.parameters(), lr=0.1)  # the same steps by hand, the average beside them
     expected = None
     for x, y in loader:
@@ -335,3 +335,72 @@ def test_a_missing_teacher_is_one_sentence_and_writes_nothing(tiny_dir, tmp_path
     with pytest.raises(train.TrainError, match="--teacher"):
         train.fit(tiny_config(tiny_dir, tmp_path, teacher=str(tmp_path / "nowhere")))
     assert not (tmp_path / "run").exists()
+
+
+def test_batch_norm_biases_get_their_own_learning_rate(tiny_dir, tmp_path):
+    from fmnist import models
+
+    model = models.create("cnn", channels=[4, 8])
+    cfg = tiny_config(tiny_dir, tmp_path, optimizer="sgd", lr=0.1, weight_decay=5e-4, bn_bias_lr_scale=64.0)
+    opt = train.make_optimizer(cfg, model)
+    assert len(opt.param_groups) == 2
+    rest, biases = opt.param_groups
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in biases["params"]} == {id(m.bias) for m in bn}
+    assert biases["lr"] == pytest.approx(6.4) and biases["weight_decay"] == pytest.approx(5e-4 / 64)
+    assert rest["lr"] == 0.1 and len(rest["params"]) == len(list(model.parameters())) - len(bn)
+    # one plain SGD step moves a bias 64 times as far as the same gradient moves an ordinary weight
+    cfg = dataclasses.replace(cfg, momentum=0.0, weight_decay=0.0)
+    opt = train.make_optimizer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    opt.step()
+    moved = {id(p): (before[id(p)] - p.detach()).abs().max().item() for p in model.parameters()}
+    assert moved[id(bn[0].bias)] == pytest.approx(6.4) and moved[id(bn[0].weight)] == pytest.approx(0.1)
+    sched, per_batch = train.make_schedule(dataclasses.replace(cfg, schedule="onecycle"), opt, 10, 2)
+    assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([0.1, 6.4])  # each group peaks at its own rate
+    assert len(train.make_optimizer(tiny_config(tiny_dir, tmp_path), model).param_groups) == 1  # default: one group
+
+
+def test_compile_trains_through_the_compiled_module_and_saves_plain_weights(tiny_dir, tmp_path, monkeypatch):
+    compiled = []
+    real = torch.compile
+
+    def eager(model, **kw):  # torch's own wrapper without code generation: seconds, not minutes
+        compiled.append(model)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager)
+    run = train.fit(tiny_config(tiny_dir, tmp_path, compile=True, epochs=1))
+    assert len(compiled) == 1
+    assert not any(k.startswith("_orig_mod") for k in weights(run.dir))  # loads without torch.compile
+    assert runs.load_model(run.dir)[0] is not None and run.summary["test_accuracy"] > 0.5
+
+
+def test_compile_without_a_cpp_compiler_is_one_sentence(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(train.TrainError, match="C\\+\\+ compiler"):
+        train.fit(tiny_config(tiny_dir, tmp_path, compile=True, epochs=1))
+
+
+def test_a_teacher_runs_as_it_was_trained(tiny_dir, tmp_path):
+    from fmnist import models
+
+    plain = models.create("cnn", channels=[4, 8]).eval()
+    trained = tiny_config(tiny_dir, tmp_path, model="cnn", channels_last=True, precision="fp32")
+    teacher = train.Teacher(plain, trained, torch.device("cpu"))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert next(teacher.parameters()).requires_grad is False
+    assert teacher.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fmnist_evaluate_reproduces_the_summarys_test_accuracy_for_a_bf16_tta_run(tiny_dir, tmp_path):
+    run = train.fit(tiny_config(tiny_dir, tmp_path, model="cnn", hidden=None, channels=[4, 8], track_neurons=None,
+                                epochs=1, precision="bf16", channels_last=True, tta=True))
+    result = evaluate.evaluate_run(run.dir, data_dir=str(tiny_dir), device="cpu")
+    assert result["accuracy"] == run.summary["test_accuracy"]

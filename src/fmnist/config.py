@@ -62,7 +62,7 @@ class TrainConfig:
     model: str = _f("mlp", "model name (see `fmnist models`)", "str")
     hidden: list[int] | None = _f(None, "hidden layer widths, comma-separated (mlp: 256,128; cnn: the linear head, "
                                         "none by default; 0 for none)", "ints")
-    channels: list[int] | None = _f(None, "cnn: channels of each conv block, comma-separated (default 32,64); "
+    channels: list[int] | None = _f(None, "cnn: channels of each conv block, comma-separated (default 32,64,128); "
                                           "resnet: of each stage (default 16,32,64)", "ints")
     blocks: int | None = _f(None, "resnet: residual blocks per stage (default 2)", "int")
     activation: str | None = _f(None, "hidden activation: relu, gelu, silu, tanh, sigmoid, leaky_relu "
@@ -100,6 +100,10 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, or bf16 (autocast, fp32 weights: faster where the hardware computes "
                                 "bfloat16, AVX-512 BF16, AMX or a recent GPU; far slower where it does not)", "str")
     channels_last: bool = _f(False, "channels-last memory format for convolutions (faster on CPU)", "bool")
+    bn_bias_lr_scale: float = _f(1.0, "multiply the learning rate of batch-norm biases by this (airbench's 64 for "
+                                      "SGD; their weight decay is divided by it)", "float")
+    compile: bool = _f(False, "torch.compile the model for training (a minute or more of compiling first; pays "
+                              "off only for long runs, see benchmarks/RESULTS.md)", "bool")
     # data
     flip: bool = _f(True, "augment: random horizontal flips", "bool")
     translate: int = _f(0, "augment: random shifts of up to this many pixels (0 = off, at most 14)", "int")
@@ -176,6 +180,8 @@ class TrainConfig:
             if not 1 <= len(self.channels) <= 4 or any(not 1 <= c <= MAX_CHANNELS for c in self.channels):
                 raise ConfigError(f"channels must list 1 to 4 blocks (each halves the 28 pixels), each of "
                                   f"1 to {MAX_CHANNELS} channels, got {self.channels}.")
+        if not 0 < self.bn_bias_lr_scale <= 1000:
+            raise ConfigError(f"bn_bias_lr_scale must be in (0, 1000], got {self.bn_bias_lr_scale}.")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}.")
         if not 0 <= self.distill_weight <= 1:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .files import FILE_MODE
 
 CLASSES = (
@@ -435,8 +436,13 @@ class BatchLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
                  shuffle: bool = False, augment: Augment = Augment(), seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool = False,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
+        # With several processes (torchrun), every rank draws the same permutation, cuts the same global
+        # batches of `batch_size` images, and serves its own contiguous part of each; `global_count` is the
+        # size of the global batch just served (the loss is scaled by it, so that the gradients that
+        # DistributedDataParallel averages are those of one process at the global batch).
+        self.rank, self.world_size, self.global_count = rank, world_size, 0
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
@@ -463,9 +469,9 @@ class BatchLoader:
         if self.drop_last:
             return n // self.batch_size
         full = -(-n // self.batch_size)
-        if full >= 2 and n % self.batch_size == 1:
-            full -= 1  # a last batch of one image joins the one before: batch norm cannot train on one image
-        return full
+        if full >= 2 and 0 < n % self.batch_size < 2 * self.world_size:
+            full -= 1  # a last batch that would give a rank one image joins the one before: batch norm cannot
+        return full    # train on one image
 
     def __len__(self) -> int:
         full = self._batches()
@@ -474,10 +480,16 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = self._generator()
         idx = self.order(gen)
+        if self.world_size > 1:  # the permutation is shared; each rank's augmentation draws are its own
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1)
         last = self._batches() - 1
         for i in range(len(self)):
             end = len(idx) if i == last and not self.drop_last else (i + 1) * self.batch_size
             j = idx[i * self.batch_size:end]
+            self.global_count = len(j)
+            if self.world_size > 1:
+                j = j[distributed.shard(len(j), self.rank, self.world_size)]
             x = self.images[j]
             if self.augment.active:
                 x = augment_batch(x, self.augment, gen)

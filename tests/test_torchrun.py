@@ -1,0 +1,141 @@
+"""Training under torchrun: DistributedDataParallel on CPU processes (gloo), as users start it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are found through /proc")
+
+TINY = ["--hidden", "64,16", "--val-size", "100", "--threads", "1", "--no-plots", "--quiet", "--device", "cpu"]
+
+
+def torchrun(*args: str, procs: int = 2, extra: tuple[str, ...] = ("--standalone",), **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *extra, "--nproc-per-node", str(procs),
+           "-m", "fmnist", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out + err
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def workers(p: subprocess.Popen) -> list[int]:
+    """The worker processes torchrun started (its children running fmnist)."""
+    kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    return [int(k) for k in kids if b"fmnist" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def wait_for(path: Path, p: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert p.poll() is None, finish(p)[1]
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_two_processes_at_batch_b_train_the_weights_of_one_at_2b(tiny_dir, tmp_path):
+    common = ["--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, "--no-batch-norm", "--no-flip",
+              "--epochs", "1", "--batch-size", "64"]  # batch_size is the global batch: 2 x 32 here
+    rc, out = finish(torchrun(*common, "--name", "two"))
+    assert rc == 0, out
+    one = subprocess.run([sys.executable, "-m", "fmnist", "train", *common, "--name", "one"], capture_output=True,
+                         text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    a, b = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s2["best_val_accuracy"] == s1["best_val_accuracy"]  # the ranks' validation counts add up to one's
+
+
+@pytest.mark.slow
+def test_default_model_on_two_processes_only_rank_0_writes(tiny_dir, tmp_path):
+    rank0, rank1 = tmp_path / "node0", tmp_path / "node1"
+    port = free_port()
+    # two "machines": two torchrun commands meeting at a c10d rendezvous; the second one's out_dir must stay empty
+    nodes = [torchrun("--data-dir", str(tiny_dir), "--out-dir", str(out), "--epochs", "2", "--name", "ddp",
+                      "--val-size", "100", "--no-plots", "--device", "cpu",
+                      procs=1, extra=("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                      f"127.0.0.1:{port}", "--rdzv-id", "fmnist-test", "--node-rank", str(i)))
+             for i, out in enumerate((rank0, rank1))]
+    results = [finish(p) for p in nodes]
+    assert all(rc == 0 for rc, _ in results), results
+    run = rank0 / "ddp"
+    assert not rank1.exists() or not any(rank1.iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["global_batch"] == 128
+    assert summary["batch_per_process"] == 64 and summary["epochs"] == 2
+    written = sorted(p.name for p in run.iterdir() if p.name != ".fmnist-lock")
+    assert written == ["best.pt", "config.toml", "history.jsonl", "last.pt", "neurons.npz", "summary.json"]
+    out = results[0][1] + results[1][1]
+    assert out.count("test accuracy") == 1  # one voice: rank 0's
+    assert 0.5 < summary["test_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_a_killed_worker_then_resume_completes(tiny_dir, tmp_path):
+    args = ["--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, "--epochs", "60", "--name", "k"]
+    p = torchrun(*args)
+    wait_for(tmp_path / "k" / "last.pt", p)
+    os.kill(workers(p)[-1], signal.SIGKILL)
+    rc, out = finish(p)
+    assert rc != 0
+    done = torch.load(tmp_path / "k" / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 60 and not (tmp_path / "k" / "summary.json").exists()
+    rc, out = finish(torchrun("--resume", str(tmp_path / "k"), "--quiet"))
+    assert rc == 0, out
+    rows = [json.loads(line) for line in (tmp_path / "k" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 61))
+    assert json.loads((tmp_path / "k" / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_from_last_pt(tiny_dir, tmp_path):
+    loud = [a for a in TINY if a != "--quiet"]  # the restarted attempt says what it continues
+    args = ["--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *loud, "--epochs", "60"]  # default name
+    p = torchrun(*args, extra=("--standalone", "--max-restarts", "1"))
+    runs_ = []
+    end = time.monotonic() + 120
+    while not runs_ or not (runs_[0] / "last.pt").exists():
+        assert p.poll() is None and time.monotonic() < end, finish(p)[1]
+        runs_ = [d for d in tmp_path.iterdir() if d.is_dir() and d.name != "tiny"]
+        time.sleep(0.02)
+    os.kill(workers(p)[0], signal.SIGKILL)
+    rc, out = finish(p)
+    assert rc == 0, out
+    assert [d for d in tmp_path.iterdir() if d.is_dir() and d.name != "tiny"] == runs_  # continued, no second run
+    rows = [json.loads(line) for line in (runs_[0] / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 61))
+    assert f"torchrun restarted this training: continuing {runs_[0]}" in out
+
+
+def test_a_global_batch_that_does_not_split_is_one_sentence(tiny_dir, tmp_path):
+    rc, out = finish(torchrun("--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, "--batch-size", "65"))
+    assert rc != 0 and out.count("fmnist: error") == 1 and "does not split evenly over 2 processes" in out
+    assert "fmnist/train.py" not in out  # (torchrun prints its own report of a failed worker; fmnist's is one line)
+    assert not any(tmp_path.iterdir())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
