@@ -235,6 +235,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2", help="seeds per preset (the first one races)")
     p.add_argument("--target", type=float, default=0.91, help="validation accuracy of the race (default 0.91)")
     p.add_argument("--tutorial-epochs", type=int, default=10, help="at most this many tutorial CNN epochs")
+    p.add_argument("--tutorial-mlp-epochs", type=int, default=5, help="tutorial MLP epochs (default 5)")
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where RESULTS.md etc. go")
     p.add_argument("--keep-runs", metavar="DIR", help="train the presets' runs into DIR (default: a temp dir)")
@@ -249,12 +250,15 @@ def main() -> int:
                             "bf16": train_step.matmul_gflops(torch.bfloat16)},
                  "systems": [], "presets": [], "inference": {}, "gflops": []}
     print(res["machine"], flush=True)
-    tuts = [tutorial("tutorial MLP", models.create("mlp"), splits, 5, None),
+    outdir = Path(args.out)
+    partial = outdir / "results.json"  # rewritten after every stage: a long benchmark stopped keeps what it measured
+    tuts = [tutorial("tutorial MLP", models.create("mlp"), splits, args.tutorial_mlp_epochs, None),
             tutorial("tutorial-style CNN", tut.TutorialCNN(), splits, args.tutorial_epochs, args.target)]
     for key, t in zip(("tutorial-mlp", "tutorial-cnn"), tuts):
         res["systems"].append({"key": key, "label": f"{t['name']} (batch 64, per-sample DataLoader)",
                                "tutorial": True, "curve": t["curve"]})
         res["inference"][t["name"]] = inference(bare(t["model"]))
+    partial.write_text(json.dumps(res, indent=1) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep_runs or tmp)
         teacher = None
@@ -269,10 +273,10 @@ def main() -> int:
                 teacher = Path(first["dir"])
                 res["teacher"] = (f"the cnn-fast run at seed {first['seed']} of this benchmark "
                                   f"(test {100 * first['test_accuracy']:.2f} %, {first['wall_seconds']:.0f} s)")
+            partial.write_text(json.dumps(res, indent=1) + "\n")
     for name in ("mlp-fast", "cnn-fast"):
         if name in config.presets():
             res["gflops"].append(step_gflops(name))
-    outdir = Path(args.out)
     plot(res["systems"], args.target, outdir / "time_to_accuracy.png")
     (outdir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     block = report(res, args.target)
