@@ -148,6 +148,13 @@ def step_gflops(preset: str) -> dict:
             "batch": cfg.batch_size, "images_per_s": rate, "gflops": rate * macs * 6 / 1e9}
 
 
+def public(res: dict) -> str:
+    """results.json's text: run directories by name only (where they were trained says nothing)."""
+    out = {**res, "presets": [{**pr, "runs": [{**r, "dir": Path(r["dir"]).name} for r in pr["runs"]]}
+                              for pr in res["presets"]]}
+    return json.dumps(out, indent=1) + "\n"
+
+
 def first_at(curve: list, target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
@@ -258,7 +265,7 @@ def main() -> int:
         res["systems"].append({"key": key, "label": f"{t['name']} (batch 64, per-sample DataLoader)",
                                "tutorial": True, "curve": t["curve"]})
         res["inference"][t["name"]] = inference(bare(t["model"]))
-    partial.write_text(json.dumps(res, indent=1) + "\n")
+    partial.write_text(public(res))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep_runs or tmp)
         teacher = None
@@ -273,12 +280,12 @@ def main() -> int:
                 teacher = Path(first["dir"])
                 res["teacher"] = (f"the cnn-fast run at seed {first['seed']} of this benchmark "
                                   f"(test {100 * first['test_accuracy']:.2f} %, {first['wall_seconds']:.0f} s)")
-            partial.write_text(json.dumps(res, indent=1) + "\n")
+            partial.write_text(public(res))
     for name in ("mlp-fast", "cnn-fast"):
         if name in config.presets():
             res["gflops"].append(step_gflops(name))
     plot(res["systems"], args.target, outdir / "time_to_accuracy.png")
-    (outdir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (outdir / "results.json").write_text(public(res))
     block = report(res, args.target)
     md = outdir / "RESULTS.md"
     old = md.read_text() if md.exists() else "# Benchmark results\n\n" + START + END + "\n"

@@ -404,3 +404,14 @@ def test_fmnist_evaluate_reproduces_the_summarys_test_accuracy_for_a_bf16_tta_ru
                                 epochs=1, precision="bf16", channels_last=True, tta=True))
     result = evaluate.evaluate_run(run.dir, data_dir=str(tiny_dir), device="cpu")
     assert result["accuracy"] == run.summary["test_accuracy"]
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(train, "native_bf16", lambda native=native: native)
+        assert train.use_bf16("auto", cpu) is native
+        assert train.use_bf16("bf16", cpu) is True and train.use_bf16("fp32", cpu) is False
+    said: list[str] = []
+    run = train.fit(tiny_config(tiny_dir, tmp_path, precision="auto", dry_run=True), echo=said.append)
+    assert run.summary["precision"] == "fp32" and not any("bfloat16" in s for s in said)  # no native bf16 here now

@@ -30,7 +30,7 @@ else:  # pragma: no cover
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("plateau", "onecycle", "cosine", "linear", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_norm")
 # Where the data lives, where the run goes and how it is shown are not part of what a run *is*:
@@ -97,8 +97,9 @@ class TrainConfig:
                           "validation, best.pt and the test use the average", "float")
     tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image, its "
                           "mirror and 1-pixel shifts", "bool")
-    precision: str = _f("fp32", "fp32, or bf16 (autocast, fp32 weights: faster where the hardware computes "
-                                "bfloat16, AVX-512 BF16, AMX or a recent GPU; far slower where it does not)", "str")
+    precision: str = _f("fp32", "fp32; bf16 (autocast, fp32 weights: faster where the hardware computes bfloat16, "
+                                "AVX-512 BF16, AMX or a recent GPU; far slower where it does not); or auto: bf16 "
+                                "where it is native, else fp32", "str")
     channels_last: bool = _f(False, "channels-last memory format for convolutions (faster on CPU)", "bool")
     bn_bias_lr_scale: float = _f(1.0, "multiply the learning rate of batch-norm biases by this (airbench's 64 for "
                                       "SGD; their weight decay is divided by it)", "float")

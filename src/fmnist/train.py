@@ -120,6 +120,17 @@ def native_bf16() -> bool:
         return True
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run of `precision` computes in bfloat16 on `device` ("auto": where it is native)."""
+    if precision == "bf16":
+        return True
+    if precision != "auto" or device.type == "mps":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return native_bf16()
+
+
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                  weight: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """(1 - weight) x cross-entropy with the labels + weight x T^2 x KL(teacher || student) at temperature T
@@ -142,7 +153,7 @@ class Teacher(nn.Module):
         self.channels_last = trained.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.bf16 = trained.precision == "bf16" and (device.type != "cpu" or native_bf16())
+        self.bf16 = use_bf16(trained.precision, device) and (device.type != "cpu" or native_bf16())
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +269,8 @@ def _fit_in_world(cfg, resume, progress, echo, command, on_epoch, test, data_dir
         run_dir = Path(resume)
         state, cfg = distributed.on_main(lambda: _resume_state(run_dir), world)
         data_at = runs.data_dir_for(cfg.data_dir, data_dir)
+        if world.size == 1:  # one process continues on the device the run chose (torchrun's group is set up)
+            device = distributed.pick_device(cfg.device)
     else:
         cfg = runs.resolve(cfg)
         if cfg.data_dir:  # a relative path means "from here": keep it meaningful from anywhere
@@ -265,6 +278,7 @@ def _fit_in_world(cfg, resume, progress, echo, command, on_epoch, test, data_dir
         if cfg.teacher:  # likewise
             cfg = dataclasses.replace(cfg, teacher=str(Path(cfg.teacher).resolve()))
         data_at = cfg.data_dir or None
+
     def check_batch() -> None:
         if cfg.batch_size % world.size:
             raise TrainError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
@@ -372,7 +386,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
     if cfg.precision == "bf16" and device.type == "cpu" and not native_bf16():
         echo("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
              "correctly but far slower than fp32 here (a convnet: about 10x slower on an AVX2-only machine)")
-    bf16 = cfg.precision == "bf16"
+    bf16 = use_bf16(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
     if world.size > 1 and device.type == "cuda":  # batch statistics over all ranks' images (no CPU kernel)
@@ -527,6 +541,7 @@ def _finish(cfg, run_dir, final_model, splits, device, test, best, history, trai
                                        / max(sum(r["seconds"] for r in history), 1e-9)),
         parameters=models.count_parameters(model), macs_per_image=models.macs_per_image(model),
         device=str(device), threads=torch.get_num_threads(),
+        precision="bf16" if bf16 else "fp32",
         world_size=world.size, backend=world.backend or "none", global_batch=cfg.batch_size,
         batch_per_process=cfg.batch_size // world.size,
         torch_version=torch.__version__, seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
