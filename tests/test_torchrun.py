@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_fmnist
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are found through /proc")
 
@@ -139,3 +140,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_world_size_without_torchrun_is_one_sentence(tiny_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    r = run_fmnist("train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY,
+                   env={**env, "WORLD_SIZE": "2", "RANK": "0"})
+    assert r.returncode == 2 and "start them with torchrun" in r.stderr and "Traceback" not in r.stderr

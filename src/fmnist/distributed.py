@@ -184,6 +184,9 @@ def _store(world: World):
     import torch.distributed as dist
 
     env = os.environ
+    if not env.get("MASTER_ADDR") or not env.get("MASTER_PORT", "").isdigit():
+        raise DeviceError(f"WORLD_SIZE is {world.size} but MASTER_ADDR and MASTER_PORT do not say where the "
+                          "processes meet; start them with torchrun (see the README).")
     agent = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's agent serves the store
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.size,
                           is_master=world.rank == 0 and not agent, timeout=TIMEOUT, wait_for_workers=False)

@@ -317,6 +317,8 @@ class Predictor:
 
         model, cfg, ckpt = runs.load_model(path)
         self._use_module(model, data.CLASSES, distributed.pick_device(device), tta=cfg.tta)
+        if cfg.channels_last:  # as it was trained: CHANNELS_LAST_GAIN
+            self._module = self._module.to(memory_format=self._torch.channels_last)
         self.backend = "pytorch"
         self.info = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"]}
         self.model = model  # the bare network (normalised images in, logits out), for who needs its layers
