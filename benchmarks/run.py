@@ -48,7 +48,9 @@ import tutorial_baseline as tut  # noqa: E402
 from fmnist import config, data, distributed, models, train  # noqa: E402
 from fmnist.predict import Predictor  # noqa: E402
 
-START, END = "<!-- race:start -->", "<!-- race:end -->"
+
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
 
 
 def machine() -> str:
@@ -189,8 +191,9 @@ def pct(values: list[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}"
 
 
-def report(res: dict, target: float) -> str:
-    lines = [START, "", f"Measured {res['date']} with `python benchmarks/run.py {res['argv']}` on: {res['machine']}.",
+def report(res: dict, target: float, block: str) -> str:
+    start, end = markers(block)
+    lines = [start, "", f"Measured {res['date']} with `python benchmarks/run.py {res['argv']}` on: {res['machine']}.",
              f"Matrix multiply (2048x2048) on this machine: fp32 {res['matmul']['fp32']:.0f} GFLOP/s, "
              f"bf16 {res['matmul']['bf16']:.0f} GFLOP/s.", "",
              f"### The race to {100 * target:.0f} % validation accuracy (first seed; one process)", "",
@@ -201,13 +204,14 @@ def report(res: dict, target: float) -> str:
         lines.append(f"| {s['label']} | {len(s['curve'])} | {f'{reach:.0f}' if reach else 'not reached'} | "
                      f"{100 * max(a for _, a in s['curve']):.2f} | {s['curve'][-1][0]:.0f} |")
     by = {s["key"]: first_at(s["curve"], target) for s in res["systems"]}
-    if by.get("tutorial-cnn") and by.get("cnn-fast"):
-        lines += ["", f"cnn-fast reached {100 * target:.0f} % validation accuracy "
-                      f"**{by['tutorial-cnn'] / by['cnn-fast']:.1f}x sooner** than the tutorial-style CNN."]
-    elif by.get("cnn-fast"):
-        last = next(s for s in res["systems"] if s["key"] == "tutorial-cnn")["curve"][-1][0]
-        lines += ["", f"The tutorial-style CNN did not reach {100 * target:.0f} % in its epochs: cnn-fast was "
-                      f"more than {last / by['cnn-fast']:.1f}x sooner."]
+    for key in (k for k in by if k.startswith("cnn-")):
+        if by.get("tutorial-cnn") and by[key]:
+            lines += ["", f"{key} reached {100 * target:.0f} % validation accuracy "
+                          f"**{by['tutorial-cnn'] / by[key]:.1f}x sooner** than the tutorial-style CNN."]
+        elif by[key]:
+            last = next(s for s in res["systems"] if s["key"] == "tutorial-cnn")["curve"][-1][0]
+            lines += ["", f"The tutorial-style CNN did not reach {100 * target:.0f} % in its epochs: {key} was "
+                          f"more than {last / by[key]:.1f}x sooner."]
     lines += ["", "### Presets: test accuracy over seeds (each chosen on validation, tested once)", "",
               "| preset | seeds | test % (mean ± std) | per seed | best val % | wall s per run | parameters | "
               "multiply-adds |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
@@ -232,7 +236,7 @@ def report(res: dict, target: float) -> str:
         lines.append(f"| {g['preset']} | {g['model']} | {g['precision']} | {g['channels_last']} | {g['batch']} | "
                      f"{g['images_per_s']:,.0f} | {g['gflops']:.0f} | {100 * g['gflops'] / peak:.0f} % |")
     lines += ["", "**GPU rows: unmeasured.** No GPU was available for these measurements; on CUDA the same "
-                  "commands keep the data on the device and use bf16 autocast and channels_last.", "", END]
+                  "commands keep the data on the device and use bf16 autocast and channels_last.", "", end]
     return "\n".join(lines)
 
 
@@ -246,6 +250,8 @@ def main() -> int:
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where RESULTS.md etc. go")
     p.add_argument("--keep-runs", metavar="DIR", help="train the presets' runs into DIR (default: a temp dir)")
+    p.add_argument("--block", default="race", help="the name of RESULTS.md's part to write, and the suffix of "
+                                                   "the figure and JSON file of any other name (default: race)")
     args = p.parse_args()
     presets = [s for s in args.presets.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -258,7 +264,8 @@ def main() -> int:
                  "systems": [], "presets": [], "inference": {}, "gflops": []}
     print(res["machine"], flush=True)
     outdir = Path(args.out)
-    partial = outdir / "results.json"  # rewritten after every stage: a long benchmark stopped keeps what it measured
+    suffix = "" if args.block == "race" else f"_{args.block}"
+    partial = outdir / f"results{suffix}.json"  # rewritten after every stage: a stopped benchmark keeps its figures
     tuts = [tutorial("tutorial MLP", models.create("mlp"), splits, args.tutorial_mlp_epochs, None),
             tutorial("tutorial-style CNN", tut.TutorialCNN(), splits, args.tutorial_epochs, args.target)]
     for key, t in zip(("tutorial-mlp", "tutorial-cnn"), tuts):
@@ -284,13 +291,14 @@ def main() -> int:
     for name in ("mlp-fast", "cnn-fast"):
         if name in config.presets():
             res["gflops"].append(step_gflops(name))
-    plot(res["systems"], args.target, outdir / "time_to_accuracy.png")
-    (outdir / "results.json").write_text(public(res))
-    block = report(res, args.target)
+    plot(res["systems"], args.target, outdir / f"time_to_accuracy{suffix}.png")
+    partial.write_text(public(res))
+    block = report(res, args.target, args.block)
     md = outdir / "RESULTS.md"
-    old = md.read_text() if md.exists() else "# Benchmark results\n\n" + START + END + "\n"
-    if START in old and END in old:
-        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
+    start, end = markers(args.block)
+    old = md.read_text() if md.exists() else "# Benchmark results\n\n" + start + end + "\n"
+    if start in old and end in old:
+        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     md.write_text(new)
