@@ -62,7 +62,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    bf16 = "native bf16" if train.native_bf16() else "no native bf16"
+    bf16 = "native bf16" if distributed.native_bf16() else "no native bf16"
     return f"{name}, {distributed.cores()} cores ({bf16}), torch {torch.__version__}, no GPU used"
 
 

@@ -292,11 +292,11 @@ def test_bf16_and_channels_last_train_a_convnet_that_loads_anywhere(tiny_dir, tm
 
 def test_bf16_on_a_cpu_without_it_says_so(tiny_dir, tmp_path, monkeypatch):
     said: list[str] = []
-    monkeypatch.setattr(train, "native_bf16", lambda: False)
+    monkeypatch.setattr(distributed, "native_bf16", lambda: False)
     train.fit(tiny_config(tiny_dir, tmp_path, precision="bf16", dry_run=True), echo=said.append)
     assert any("no native bfloat16" in s for s in said)
     said.clear()
-    monkeypatch.setattr(train, "native_bf16", lambda: True)
+    monkeypatch.setattr(distributed, "native_bf16", lambda: True)
     train.fit(tiny_config(tiny_dir, tmp_path, name="other", precision="bf16", dry_run=True), echo=said.append)
     assert not any("bfloat16" in s for s in said)
 
@@ -409,9 +409,9 @@ def test_fmnist_evaluate_reproduces_the_summarys_test_accuracy_for_a_bf16_tta_ru
 def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(train, "native_bf16", lambda native=native: native)
-        assert train.use_bf16("auto", cpu) is native
-        assert train.use_bf16("bf16", cpu) is True and train.use_bf16("fp32", cpu) is False
+        monkeypatch.setattr(distributed, "native_bf16", lambda native=native: native)
+        assert distributed.use_bf16("auto", cpu) is native
+        assert distributed.use_bf16("bf16", cpu) is True and distributed.use_bf16("fp32", cpu) is False
     said: list[str] = []
     run = train.fit(tiny_config(tiny_dir, tmp_path, precision="auto", dry_run=True), echo=said.append)
     assert run.summary["precision"] == "fp32" and not any("bfloat16" in s for s in said)  # no native bf16 here now

@@ -36,6 +36,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions and matrix products natively (oneDNN says so)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: assume it does, as torch itself would
+        return True
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run of `precision` computes in bfloat16 on `device` ("auto": where it is native)."""
+    if precision == "bf16":
+        return True
+    if precision != "auto" or device.type == "mps":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return native_bf16()
+
+
 def cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -55,8 +55,6 @@ def load_splits(cfg, data_dir: str | None = None) -> data.Splits:
 def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = None,
                  device: str = "auto") -> dict[str, Any]:
     """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split."""
-    from .train import use_bf16
-
     model, cfg, ckpt = runs.load_model(path)
     dev = distributed.pick_device(device)
     if cfg.channels_last:
@@ -65,7 +63,7 @@ def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = N
     x, y = splits.test if split == "test" else splits.val
     with distributed.cpu_share():
         loss, acc, probs = evaluate(model.to(dev), data.BatchLoader(x, y, 1024, device=dev), return_predictions=True,
-                                    tta=cfg.tta, bf16=use_bf16(cfg.precision, dev))
+                                    tta=cfg.tta, bf16=distributed.use_bf16(cfg.precision, dev))
     cm = confusion_matrix(y, probs.argmax(1))
     per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
     return dict(checkpoint=str(path), split=split, images=len(y), epoch=ckpt.get("epoch"),

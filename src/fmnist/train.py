@@ -112,25 +112,6 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch:
     return None, False
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 convolutions and matrix products natively (oneDNN says so)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without the probe: assume it does, as torch itself would
-        return True
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a run of `precision` computes in bfloat16 on `device` ("auto": where it is native)."""
-    if precision == "bf16":
-        return True
-    if precision != "auto" or device.type == "mps":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return native_bf16()
-
-
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                  weight: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """(1 - weight) x cross-entropy with the labels + weight x T^2 x KL(teacher || student) at temperature T
@@ -153,7 +134,8 @@ class Teacher(nn.Module):
         self.channels_last = trained.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.bf16 = use_bf16(trained.precision, device) and (device.type != "cpu" or native_bf16())
+        self.bf16 = distributed.use_bf16(trained.precision, device) and (
+            device.type != "cpu" or distributed.native_bf16())
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,10 +365,10 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
          test: bool, t_start: float, teacher: nn.Module | None = None,
          world: distributed.World = distributed.World()) -> Run:
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    if cfg.precision == "bf16" and device.type == "cpu" and not native_bf16():
+    if cfg.precision == "bf16" and device.type == "cpu" and not distributed.native_bf16():
         echo("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
              "correctly but far slower than fp32 here (a convnet: about 10x slower on an AVX2-only machine)")
-    bf16 = use_bf16(cfg.precision, device)
+    bf16 = distributed.use_bf16(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
     if world.size > 1 and device.type == "cuda":  # batch statistics over all ranks' images (no CPU kernel)
