@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
     s = run.summary
     report = run.dir / "report.html"
-    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun: one voice, rank 0's
+    if _torchrun_rank() != 0:  # under torchrun: one voice, rank 0's
         return 0
     if args.json:
         _print_json({"run": str(run.dir), **({"report": str(report)} if report.is_file() else {}), **s})
@@ -592,10 +592,18 @@ def main(argv: list[str] | None = None) -> int:
         message = _user_error(e)
         if message is None:
             raise
-        rank = int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+        rank = _torchrun_rank()
         if not getattr(e, "fmnist_said_by_rank_0", False):  # under torchrun: rank 0 says what all ranks found
             print(f"fmnist: error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
         return 2
+
+
+def _torchrun_rank() -> int:
+    """This process's rank under torchrun, 0 otherwise (read from the environment: no torch import)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
 
 
 def _user_error(e: Exception) -> str | None:

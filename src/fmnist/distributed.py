@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import os
 import tempfile
@@ -134,6 +135,8 @@ def _live_claims() -> int:
 
 # ---------------------------------------------------------------- many processes (torchrun)
 
+TIMEOUT = datetime.timedelta(minutes=10)  # a rank that waits longer for the others gives up
+
 @dataclasses.dataclass(frozen=True)
 class World:
     """This process's place among the processes of one training: rank 0 of 1 without torchrun."""
@@ -190,9 +193,6 @@ def start(device_name: str) -> tuple[World, torch.device]:
     return dataclasses.replace(world, backend=backend), device
 
 
-TIMEOUT = __import__("datetime").timedelta(minutes=10)  # a rank that waits longer for the others gives up
-
-
 def _store(world: World):
     """torchrun's key-value store, with a prefix per restart attempt.
 
@@ -210,6 +210,18 @@ def _store(world: World):
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.size,
                           is_master=world.rank == 0 and not agent, timeout=TIMEOUT, wait_for_workers=False)
     return dist.PrefixStore(f"fmnist/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel, each rank keeping its own batch-norm statistics (averaged by
+    average_buffers before validation and checkpoints) rather than taking rank 0's at every step."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    own = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+           else "broadcast_buffers")  # torch 2.13 renamed it
+    return DistributedDataParallel(model, **{own: False})
 
 
 def stop() -> None:

@@ -378,15 +378,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
     ema = make_ema(cfg, model)
     trained = model  # what the training step calls; it shares model's parameters, and checkpoints use model
     if world.size > 1:
-        # Each rank keeps its own batch-norm statistics (averaged before validation and checkpoints), rather
-        # than taking rank 0's at every step.
-        import inspect
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        own = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-               else "broadcast_buffers")  # torch 2.13 renamed it
-        trained = DistributedDataParallel(model, **{own: False})
+        trained = distributed.ddp(model)
     if cfg.compile:
         trained = _compiled(trained)
     aug = data.Augment(cfg.flip, cfg.translate, cfg.erase)
