@@ -26,15 +26,12 @@ from typing import Any
 
 from . import __version__
 from . import config as config_mod
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError, FmnistError, Interrupted, UsageError
 
 INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.INITS (a test keeps them equal),
 # here so that `--help` need not import torch
 FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
-
-
-class UsageError(Exception):
-    """A command line argparse cannot parse."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +121,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig()
     else:
         cfg = config_from_args(args)
-    args.hint = ("train", args.resume)
     run = train.fit(cfg, resume=args.resume, progress=_progress(args), echo=_echo(args),
                     command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
     s = run.summary
@@ -227,7 +223,6 @@ def cmd_compare_init(args: argparse.Namespace) -> int:
         "init": "it trains every init of --inits", "name": "its runs are named <init>-s<seed>",
         "plots": "its runs draw no figures; init_comparison.png compares them"})
     out = getattr(args, "out_dir", None) or "compare-init"
-    args.hint = ("compare-init", None)
     results = compare.compare_init(cfg, inits, args.seeds, out, echo=_echo(args), progress=_progress(args))
     if args.json:
         _print_json({"results": str(Path(out) / "results.json"), **results})
@@ -244,7 +239,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "name": "trials are named <study>-trial_<n>", "plots": "trials draw no figures",
         "tensorboard": "trials log nothing to TensorBoard"})
     out = getattr(args, "out_dir", None) or "tune"
-    args.hint = ("tune", None)
     result = tune.tune(cfg, out, trials=args.trials, timeout=args.timeout, study_name=args.study,
                        storage=args.storage, space_file=args.space, pruner=args.pruner, heartbeat=args.heartbeat,
                        verbose=args.verbose, progress=_progress(args))
@@ -509,20 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupted(args: argparse.Namespace | None, exc: BaseException) -> str:
+def _interrupted(command: str | None, exc: BaseException) -> str:
     """What to say after Ctrl-C: how to continue, where anything can be continued."""
-    run_dir, resumable = getattr(exc, "run_dir", None), getattr(exc, "resumable", False)
-    command = getattr(args, "hint", (None, None))[0] if args is not None else None
     if command in ("compare-init", "tune"):  # their runs are continued by the command, not by `train --resume`
         return f"fmnist: interrupted; run the same command again to continue the {command} where it stopped"
-    if run_dir is not None and getattr(exc, "drawing", False):
+    if not isinstance(exc, Interrupted):
+        return "fmnist: interrupted"
+    if exc.drawing:
         return ("fmnist: interrupted while drawing the figures; the run is complete: draw them with "
-                f"fmnist plot {run_dir}")
-    if run_dir is not None and resumable:
-        return f"fmnist: interrupted; continue with: fmnist train --resume {run_dir}"
-    if run_dir is not None:
-        return "fmnist: interrupted before the first epoch ended; nothing was kept, run the same command again"
-    return "fmnist: interrupted"
+                f"fmnist plot {exc.run_dir}")
+    if exc.resumable:
+        return f"fmnist: interrupted; continue with: fmnist train --resume {exc.run_dir}"
+    return "fmnist: interrupted before the first epoch ended; nothing was kept, run the same command again"
 
 
 @contextlib.contextmanager
@@ -583,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if argv is None:  # the real command (not a caller in Python): a second Ctrl-C must not break the way out
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(_interrupted(args, e), file=sys.stderr)
+        print(_interrupted(args.command if args is not None else None, e), file=sys.stderr)
         return 130
     except BrokenPipeError:
         sys.stderr.close()  # `fmnist ... | head`: the reader has gone, nothing more to say
@@ -593,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         rank = _torchrun_rank()
-        if not getattr(e, "fmnist_said_by_rank_0", False):  # under torchrun: rank 0 says what all ranks found
+        if not isinstance(e, FmnistError) or e.rank in (None, rank):  # under torchrun: rank 0 says what all found
             print(f"fmnist: error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
         return 2
 
@@ -608,15 +600,8 @@ def _torchrun_rank() -> int:
 
 def _user_error(e: Exception) -> str | None:
     """The sentence for an error the user caused, or None for a bug (which keeps its traceback)."""
-    errors: tuple[type[BaseException], ...] = (UsageError, ConfigError)
-    for module, name in (("data", "DataError"), ("models", "ModelError"), ("files", "RunError"),
-                         ("train", "TrainError"), ("distributed", "DeviceError"), ("tune", "TuneError"),
-                         ("predict", "PredictError"), ("predict", "ImageError")):
-        loaded = sys.modules.get(f"fmnist.{module}")  # only what this command imported: predict may run without torch
-        if loaded is not None:
-            errors += (getattr(loaded, name),)
-    if isinstance(e, errors):
-        return " ".join(str(e).split())  # one line, whatever the message held
+    if isinstance(e, FmnistError):
+        return e.sentence()
     if isinstance(e, MemoryError):
         return "out of memory; choose a smaller --batch-size or model."
     if isinstance(e, OSError) and e.strerror:  # the file system said no: a path, a permission, a full disk

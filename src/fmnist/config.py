@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -42,10 +44,6 @@ MAX_WIDTH = 65_536  # neurons of one hidden layer; a wider layer would not fit a
 MAX_LAYERS = 32
 MAX_CHANNELS = 4_096
 NAME_RE = re.compile(r"[^\W_][\w.+=-]{0,99}")  # a run name: one path component (letters of any script), no '..'
-
-
-class ConfigError(ValueError):
-    """A configuration the user wrote that cannot be used."""
 
 
 def _f(default: Any, help: str, kind: str) -> Any:

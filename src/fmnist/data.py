@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .errors import DataError
 from .files import FILE_MODE
 
 CLASSES = (
@@ -59,10 +60,6 @@ LOCAL_DIR = Path("data/fashion-mnist")  # relative to the working directory
 
 # IDX type code -> numpy dtype (big-endian as the format prescribes)
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataError(Exception):
-    """A data problem the user can fix: missing, damaged or unexpected files."""
 
 
 # ---------------------------------------------------------------- IDX reading

@@ -22,9 +22,7 @@ from typing import IO, Any
 
 import torch
 
-
-class DeviceError(RuntimeError):
-    """A device that was asked for and is not here."""
+from .errors import DeviceError, FmnistError
 
 
 def pick_device(name: str) -> torch.device:
@@ -316,7 +314,7 @@ def on_main(fn: Any, world: World) -> Any:
             error = e
     result, error = broadcast((result, error), world)
     if error is not None:
-        if not world.main:
-            error.fmnist_said_by_rank_0 = True  # rank 0 prints it; the others stay quiet
+        if isinstance(error, FmnistError) and not world.main:
+            error.rank = 0  # rank 0 says it for every rank; the others stay quiet
         raise error
     return result

@@ -14,15 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import RunError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file; temp files start as 0600
 TEMP_GLOB = ".*.fmnist-tmp"  # atomic_write's temp files; a killed process can leave them behind
 OUTPUT_MARKER = ".fmnist"  # in a folder that compare-init, tune or predict writes into: which of them made it
-
-
-class RunError(Exception):
-    """A run directory or file that cannot be used as asked: missing, damaged, foreign, or not fmnist's."""
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import MEAN, STD
+from .errors import ModelError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TRACK: dict[str, tuple[int, ...]] = {}  # name -> first-layer neurons tracked by default (1-based)
@@ -26,10 +27,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
 }
 INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")
-
-
-class ModelError(ValueError):
-    """An unknown model, activation or init name, or arguments a model does not take."""
 
 
 def register(name: str, track: tuple[int, ...] = (1,)) -> Callable:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageOps
 
+from .errors import ImageError, PredictError
+
 SIZE = 28  # pixels, each side of a Fashion-MNIST image
 FUZZ = 0.05  # trim: edges within 5 % of the largest distance in RGB space (255 * sqrt(3)) of the corner colour
 MAX_PIXELS = 64_000_000  # a larger image is refused as a likely decompression bomb (a 48-megapixel photo passes)
@@ -43,14 +45,6 @@ CHECK_IMAGES = 1000  # test images on which an export must agree with PyTorch
 CHECK_TOLERANCE = 1e-4  # the largest difference in probability allowed by that check
 OVERVIEW = 24  # images in --save-inputs' overview.png
 PARALLEL_FROM = 64  # files: below this, starting worker processes costs more than it saves
-
-
-class ImageError(ValueError):
-    """One input cannot be turned into a model input (not an image, truncated, a decompression bomb...)."""
-
-
-class PredictError(Exception):
-    """Nothing can be classified: the model cannot be loaded, or the request itself is wrong."""
 
 
 # ---------------------------------------------------------------- one image -> 28x28

@@ -31,24 +31,8 @@ from torch import nn
 
 from . import data, distributed, models, runs
 from .config import TrainConfig
+from .errors import Interrupted, RunError, TrainError
 from .evaluate import evaluate
-from .runs import RunError
-
-
-class TrainError(RuntimeError):
-    """A training that cannot go on (divergence, memory)."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training; `resumable` says whether `run_dir` holds a last.pt to continue from.
-
-    `drawing`: the run had finished (summary.json written) and only its figures were being drawn.
-    """
-
-    def __init__(self, run_dir: Path, resumable: bool, drawing: bool = False):
-        super().__init__(str(run_dir))
-        self.run_dir, self.resumable, self.drawing = run_dir, resumable, drawing
-
 
 DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
 

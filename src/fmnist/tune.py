@@ -40,7 +40,8 @@ from optuna.trial import TrialState
 
 from . import config as config_mod
 from . import data, models, runs, train
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError, TuneError
 
 # name -> a list (categorical choices) or {"low", "high", "log"?} (a float, or an int when both bounds are ints)
 DEFAULT_SPACE: dict[str, Any] = {
@@ -61,10 +62,6 @@ DEFAULT_SPACE: dict[str, Any] = {
 
 
 MAX_RETRIES = 2  # a trial whose worker died is queued again at most this often
-
-
-class TuneError(RuntimeError):
-    """A study that cannot be opened or run (unreachable storage, bad search space)."""
 
 
 # ---------------------------------------------------------------- the search space
