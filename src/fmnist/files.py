@@ -59,7 +59,8 @@ def claim_output_dir(path: str | Path, kind: str, legacy: tuple[str, ...] = ()) 
     marker = path / OUTPUT_MARKER
     if not marker.is_file():
         others = [p for p in path.iterdir() if p.name != OUTPUT_MARKER and not p.match(TEMP_GLOB)]
-        if others and not any((path / f).is_file() for f in legacy):
+        # (the marker again: another worker may have claimed the folder and written into it since the check above)
+        if others and not any((path / f).is_file() for f in legacy) and not marker.is_file():
             raise RunError(f"{path} is not empty and holds no fmnist {kind} output; choose another --out-dir.")
         try:  # O_EXCL: of several workers starting together on a new folder, one writes the marker
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
