@@ -593,12 +593,6 @@ def test_one_grammar_across_commands():
     assert not any("--out" in flags(n) for n in subs)
 
 
-def test_the_clis_copy_of_the_init_names_is_the_models():
-    from fmnist import models
-
-    assert cli.INITS == models.INITS
-
-
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])

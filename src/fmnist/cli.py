@@ -26,11 +26,9 @@ from typing import Any
 
 from . import __version__
 from . import config as config_mod
-from .config import TrainConfig
+from .config import INITS, TrainConfig
 from .errors import ConfigError, FmnistError, Interrupted, UsageError
 
-INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.INITS (a test keeps them equal),
-# here so that `--help` need not import torch
 FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
@@ -58,9 +56,11 @@ def add_config_flags(p: argparse.ArgumentParser, helps: dict[str, str] | None = 
         kind = f.metadata["kind"]
         help_ = (helps or {}).get(f.name)
         if help_ is None:
-            help_ = f.metadata["help"]
+            said = [config_mod.describe(f.name)]  # the range that TrainConfig.validate checks
             if default is not None and default != "":
-                help_ += f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+                said.append(f"default: {','.join(map(str, default)) if isinstance(default, list) else default}")
+            said = [s for s in said if s]
+            help_ = f.metadata["help"] + (f" ({'; '.join(said)})" if said else "")
         if kind == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif kind == "ints":

@@ -3,7 +3,9 @@
 Layers, later wins: field defaults < `--preset NAME` < `--config FILE.toml` <
 command-line flags. Each `fmnist train` flag is one field (`--batch-size` is
 `batch_size`). Unknown keys, values of the wrong type and values out of range
-are errors, all found before anything is written.
+are errors, all found before anything is written. Each field's range (its
+choices, or its bounds) is written once, in its metadata (`_f`): `--help`
+shows it (`describe`) and `TrainConfig.validate` checks it (`check_value`).
 
 The model's own arguments (`hidden`, `channels`, `activation`, `dropout`,
 `batch_norm`) and `track_neurons` default to None, meaning "the model's own
@@ -34,6 +36,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("plateau", "onecycle", "cosine", "linear", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.init_weights applies them
+# name -> its torch.nn module, which models.py builds (the names live here so that `--help` needs no torch)
+ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "tanh": "Tanh", "sigmoid": "Sigmoid",
+               "leaky_relu": "LeakyReLU"}
 MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_norm")
 # Where the data lives, where the run goes and how it is shown are not part of what a run *is*:
 # two configs that differ only in these train the same model.
@@ -43,12 +49,20 @@ SEED_MAX = 2**32 - 1  # numpy's and most tools' seed range; seed * 1_000_003 + e
 MAX_WIDTH = 65_536  # neurons of one hidden layer; a wider layer would not fit a laptop's memory
 MAX_LAYERS = 32
 MAX_CHANNELS = 4_096
+MAX_STAGES = 4  # conv blocks or stages: each halves the 28 pixels (28, 14, 7, 3)
 NAME_RE = re.compile(r"[^\W_][\w.+=-]{0,99}")  # a run name: one path component (letters of any script), no '..'
 
 
-def _f(default: Any, help: str, kind: str) -> Any:
-    """A field with its help text and kind: int, float, bool, str, ints (a list of ints)."""
-    meta = {"help": help, "kind": kind}
+def _f(default: Any, help: str, kind: str, *, choices: tuple[str, ...] | None = None, ge: float | None = None,
+       gt: float | None = None, le: float | None = None, lt: float | None = None,
+       items: tuple[int, int] | None = None) -> Any:
+    """A field with its help text, its kind (int, float, bool, str, ints: a list of ints) and its range.
+
+    The range is written here once; `--help` shows it (`describe`) and `TrainConfig.validate` checks it:
+    `choices` for a name, bounds ge/gt/le/lt for a number (for ints: for each of its items), and `items`,
+    the least and most items of a list. None (a model setting left to the model) is never out of range.
+    """
+    meta = {"help": help, "kind": kind, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "items": items}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,64 +73,67 @@ class TrainConfig:
     # what to train (None: the model's own default, see `fmnist models`)
     model: str = _f("mlp", "model name (see `fmnist models`)", "str")
     hidden: list[int] | None = _f(None, "hidden layer widths, comma-separated (mlp: 256,128; cnn: the linear head, "
-                                        "none by default; 0 for none)", "ints")
+                                        "none by default; 0 for none)", "ints", ge=1, le=MAX_WIDTH,
+                                  items=(0, MAX_LAYERS))
     channels: list[int] | None = _f(None, "cnn: channels of each conv block, comma-separated (default 32,64,128); "
-                                          "resnet: of each stage (default 16,32,64)", "ints")
-    blocks: int | None = _f(None, "resnet: residual blocks per stage (default 2)", "int")
-    activation: str | None = _f(None, "hidden activation: relu, gelu, silu, tanh, sigmoid, leaky_relu "
-                                      "(default relu)", "str")
+                                          "resnet: of each stage (default 16,32,64); each block or stage halves "
+                                          "the 28 pixels", "ints", ge=1, le=MAX_CHANNELS, items=(1, MAX_STAGES))
+    blocks: int | None = _f(None, "resnet: residual blocks per stage (default 2)", "int", ge=1, le=16)
+    activation: str | None = _f(None, "hidden activation, the model's own by default (see `fmnist models`)", "str",
+                                choices=tuple(ACTIVATIONS))
     dropout: float | None = _f(None, "dropout probability (mlp: after each hidden layer; cnn: before the head; "
-                                     "default 0)", "float")
+                                     "default 0)", "float", ge=0, lt=1)
     batch_norm: bool | None = _f(None, "batch normalisation in hidden layers (default on)", "bool")
-    init: str = _f("xavier", "weight init: xavier, xavier_normal, kaiming, normal, default", "str")
-    init_std: float = _f(0.01, "standard deviation of the 'normal' init", "float")
+    init: str = _f("xavier", "weight init", "str", choices=INITS)
+    init_std: float = _f(0.01, "standard deviation of the 'normal' init", "float", gt=0)
     # how
-    epochs: int = _f(20, "number of epochs", "int")
-    batch_size: int = _f(128, "training batch size (images)", "int")
-    optimizer: str = _f("adamw", "sgd, adam or adamw", "str")
-    lr: float = _f(3e-3, "learning rate (the peak rate for onecycle)", "float")
-    momentum: float = _f(0.9, "SGD momentum, in [0, 1)", "float")
+    epochs: int = _f(20, "number of epochs", "int", ge=1, le=100_000)
+    batch_size: int = _f(128, "training batch size (images)", "int", ge=1, le=1_000_000)
+    optimizer: str = _f("adamw", "optimiser", "str", choices=OPTIMIZERS)
+    lr: float = _f(3e-3, "learning rate (the peak rate for onecycle)", "float", gt=0)
+    momentum: float = _f(0.9, "SGD momentum", "float", ge=0, lt=1)
     nesterov: bool = _f(False, "Nesterov momentum for SGD (needs momentum > 0)", "bool")
-    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", "float")
-    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss, in [0, 1)", "float")
-    schedule: str = _f("onecycle", "learning-rate schedule: plateau, onecycle, cosine, linear (warm-up, then down "
-                                   "to 0), none", "str")
-    warmup: float = _f(0.1, "linear: the fraction of the steps spent rising from 0 to lr, in [0, 1)", "float")
-    plateau_factor: float = _f(0.5, "plateau: multiply the lr by this (in (0, 1)) when val loss stalls", "float")
-    plateau_patience: int = _f(1, "plateau: epochs without improvement before reducing", "int")
-    min_lr: float = _f(1e-5, "plateau/cosine: lowest learning rate", "float")
+    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", "float", ge=0)
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", "float", ge=0, lt=1)
+    schedule: str = _f("onecycle", "learning-rate schedule (linear: warm-up, then down to 0)", "str",
+                       choices=SCHEDULES)
+    warmup: float = _f(0.1, "linear: the fraction of the steps spent rising from 0 to lr", "float", ge=0, lt=1)
+    plateau_factor: float = _f(0.5, "plateau: multiply the lr by this when val loss stalls", "float", gt=0, lt=1)
+    plateau_patience: int = _f(1, "plateau: epochs without improvement before reducing", "int", ge=0)
+    min_lr: float = _f(1e-5, "plateau/cosine: lowest learning rate", "float", ge=0)
     teacher: str = _f("", "knowledge distillation: a trained run directory whose softened predictions the model "
                           "also learns from (empty: off)", "str")
     distill_temperature: float = _f(4.0, "distillation: the temperature that softens both models' predictions",
-                                    "float")
-    distill_weight: float = _f(0.5, "distillation: the weight of the teacher's targets against the labels, "
-                                    "in [0, 1]", "float")
+                                    "float", gt=0)
+    distill_weight: float = _f(0.5, "distillation: the weight of the teacher's targets against the labels",
+                               "float", ge=0, le=1)
     ema: float = _f(0.0, "decay per step of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
-                          "validation, best.pt and the test use the average", "float")
+                          "validation, best.pt and the test use the average", "float", ge=0, lt=1)
     tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image, its "
                           "mirror and 1-pixel shifts", "bool")
-    precision: str = _f("fp32", "fp32; bf16 (autocast, fp32 weights: faster where the hardware computes bfloat16, "
-                                "AVX-512 BF16, AMX or a recent GPU; far slower where it does not); or auto: bf16 "
-                                "where it is native, else fp32", "str")
+    precision: str = _f("fp32", "bf16 is autocast with fp32 weights: faster where the hardware computes bfloat16 "
+                                "(AVX-512 BF16, AMX or a recent GPU), far slower where it does not; auto: bf16 "
+                                "where it is native, else fp32", "str", choices=PRECISIONS)
     channels_last: bool = _f(False, "channels-last memory format for convolutions (faster on CPU)", "bool")
     bn_bias_lr_scale: float = _f(1.0, "multiply the learning rate of batch-norm biases by this (airbench's 64 for "
-                                      "SGD; their weight decay is divided by it)", "float")
+                                      "SGD; their weight decay is divided by it)", "float", gt=0, le=1000)
     compile: bool = _f(False, "torch.compile the model for training (a minute or more of compiling first; pays "
                               "off only for long runs, see benchmarks/RESULTS.md)", "bool")
     # data
     flip: bool = _f(True, "augment: random horizontal flips", "bool")
-    translate: int = _f(0, "augment: random shifts of up to this many pixels (0 = off, at most 14)", "int")
-    erase: float = _f(0.0, "augment: probability of random erasing (0 = off)", "float")
-    val_size: int = _f(5000, "validation images held out of the training images", "int")
-    split_seed: int = _f(0, "seed of the train/validation split", "int")
+    translate: int = _f(0, "augment: random shifts of up to this many pixels (0 = off; 14 is half the image)",
+                        "int", ge=0, le=14)
+    erase: float = _f(0.0, "augment: probability of random erasing (0 = off)", "float", ge=0, le=1)
+    val_size: int = _f(5000, "validation images held out of the training images", "int", ge=1)
+    split_seed: int = _f(0, "seed of the train/validation split", "int", ge=0, le=SEED_MAX)
     data_dir: str = _f("", "directory with the four IDX files (default: search)", "str")
     # run
-    seed: int = _f(0, "seed of initialisation, shuffling and augmentation", "int")
+    seed: int = _f(0, "seed of initialisation, shuffling and augmentation", "int", ge=0, le=SEED_MAX)
     track_neurons: list[int] | None = _f(None, "first-layer neurons to snapshot, 1-based (default: the model's: "
-                                               "mlp 50, cnn 1,8)", "ints")
-    device: str = _f("auto", "auto, cpu, cuda or mps", "str")
+                                               "mlp 50, cnn 1,8)", "ints", ge=1)
+    device: str = _f("auto", "where to train", "str", choices=DEVICES)
     threads: int = _f(0, "CPU threads (0 = this machine's cores, shared among the fmnist processes running on it)",
-                      "int")
+                      "int", ge=0, le=1024)
     name: str = _f("", "run name (default: <model>-<date>-<time>)", "str")
     out_dir: str = _f("runs", "parent directory of run directories", "str")
     dry_run: bool = _f(False, "a few batches per epoch and at most 2 epochs: a smoke test", "bool")
@@ -129,69 +146,16 @@ class TrainConfig:
         return {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
 
     def validate(self) -> TrainConfig:
-        """Check every value's range (not the model's names: runs.resolve does that with the registry)."""
+        """Check every value against its field's range, and the rules between fields (not the model's names:
+        runs.resolve does that with the registry)."""
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{f.name} must be a finite number, got {v}.")
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES),
-                              ("precision", PRECISIONS)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"unknown {name} '{getattr(self, name)}'; known: {', '.join(choices)}.")
-        _at_least(self, 1, "epochs", "batch_size", "val_size")
-        _at_least(self, 0, "plateau_patience", "threads", "translate")
-        if self.epochs > 100_000:
-            raise ConfigError("epochs must be at most 100000.")
-        if self.batch_size > 1_000_000:
-            raise ConfigError("batch_size must be at most 1000000.")
-        for name in ("seed", "split_seed"):
-            if not 0 <= getattr(self, name) <= SEED_MAX:
-                raise ConfigError(f"{name} must be between 0 and {SEED_MAX}, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}.")
-        for name in ("weight_decay", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}.")
+            check_value(f.name, getattr(self, f.name))
         if self.schedule in ("plateau", "cosine") and self.min_lr >= self.lr:
             raise ConfigError(f"min_lr ({self.min_lr}) must be below lr ({self.lr}) for the {self.schedule} schedule.")
-        if self.init_std <= 0:
-            raise ConfigError(f"init_std must be positive, got {self.init_std}.")
-        if not 0 < self.plateau_factor < 1:
-            raise ConfigError(f"plateau_factor must be between 0 and 1 (exclusive), got {self.plateau_factor}.")
-        for name in ("momentum", "label_smoothing", "ema", "warmup"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if not 0 <= self.erase <= 1:
-            raise ConfigError(f"erase must be a probability in [0, 1], got {self.erase}.")
-        if self.translate > 14:
-            raise ConfigError(f"translate must be at most 14 pixels (half the image), got {self.translate}.")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs a momentum above 0; set --momentum or drop --nesterov.")
-        if self.threads > 1024:
-            raise ConfigError(f"threads must be at most 1024, got {self.threads}.")
-        if self.hidden is not None:
-            if len(self.hidden) > MAX_LAYERS or any(not 1 <= h <= MAX_WIDTH for h in self.hidden):
-                raise ConfigError(f"hidden must list at most {MAX_LAYERS} widths, each between 1 and {MAX_WIDTH}, "
-                                  f"got {self.hidden}.")
-        if self.channels is not None:
-            if not 1 <= len(self.channels) <= 4 or any(not 1 <= c <= MAX_CHANNELS for c in self.channels):
-                raise ConfigError(f"channels must list 1 to 4 blocks (each halves the 28 pixels), each of "
-                                  f"1 to {MAX_CHANNELS} channels, got {self.channels}.")
-        if not 0 < self.bn_bias_lr_scale <= 1000:
-            raise ConfigError(f"bn_bias_lr_scale must be in (0, 1000], got {self.bn_bias_lr_scale}.")
-        if self.distill_temperature <= 0:
-            raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}.")
-        if not 0 <= self.distill_weight <= 1:
-            raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight}.")
-        if self.blocks is not None and not 1 <= self.blocks <= 16:
-            raise ConfigError(f"blocks must be between 1 and 16 per stage, got {self.blocks}.")
-        if self.track_neurons is not None:
-            if any(n < 1 for n in self.track_neurons):
-                raise ConfigError(f"track_neurons are 1-based, got {self.track_neurons}.")
-            if len(set(self.track_neurons)) != len(self.track_neurons):
-                raise ConfigError(f"track_neurons lists a neuron twice: {self.track_neurons}.")
+        if self.track_neurons is not None and len(set(self.track_neurons)) != len(self.track_neurons):
+            raise ConfigError(f"track_neurons lists a neuron twice: {self.track_neurons}.")
         if self.name:
             check_name(self.name)
         if not self.out_dir.strip():
@@ -203,10 +167,49 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
 
 
-def _at_least(cfg: TrainConfig, low: int, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < low:
-            raise ConfigError(f"{name} must be at least {low}, got {getattr(cfg, name)}.")
+def describe(name: str) -> str:
+    """The range of field `name` in words, from its metadata: "one of sgd, adam, adamw", "in [0, 1)",
+    "from 1 to 100000", "positive", "a list of 1 to 4 values, each from 1 to 4096"; "" if it has none."""
+    meta = FIELDS[name].metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    each = _bounds(meta["ge"], meta["gt"], meta["le"], meta["lt"])
+    if meta["kind"] != "ints":
+        return each
+    least, most = meta["items"] or (0, None)
+    count = f"{least} to {most} " if least and most else f"at most {most} " if most else ""
+    return f"a list of {count}values" + (f", each {each}" if each else "")
+
+
+def _bounds(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
+    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else ""
+    high = f"{le}]" if le is not None else f"{lt})" if lt is not None else ""
+    if low and high:
+        return f"from {ge} to {le}" if ge is not None and le is not None else f"in {low}, {high}"
+    if low:
+        return f"at least {ge}" if ge is not None else "positive" if gt == 0 else f"above {gt}"
+    if high:
+        return f"at most {le}" if le is not None else f"below {lt}"
+    return ""
+
+
+def check_value(name: str, value: Any) -> None:
+    """ConfigError, one sentence, if `value` is outside field `name`'s range (None: the model's own default)."""
+    meta = FIELDS[name].metadata
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}.")
+    if meta["choices"]:
+        if value not in meta["choices"]:
+            raise ConfigError(f"unknown {name} '{value}'; known: {', '.join(meta['choices'])}.")
+        return
+    values = value if meta["kind"] == "ints" else [value]
+    least, most = meta["items"] or (0, None)
+    ok = all((meta["ge"] is None or v >= meta["ge"]) and (meta["gt"] is None or v > meta["gt"])
+             and (meta["le"] is None or v <= meta["le"]) and (meta["lt"] is None or v < meta["lt"]) for v in values)
+    if not ok or len(values) < least or (most is not None and len(values) > most):
+        raise ConfigError(f"{name} must be {describe(name)}, got {value}.")
 
 
 def check_name(name: str) -> str:
