@@ -131,6 +131,33 @@ def test_space_file_overrides_and_fixes(tiny_dir, tmp_path):
     assert best.hidden == [64, 64] and best.optimizer == "sgd" and best.dropout == 0.0
 
 
+@pytest.mark.parametrize("model,own", [("cnn", ""), ("resnet", "blocks = {low = 1, high = 2}\n")])
+def test_tune_searches_the_widths_of_every_model(tiny_dir, tmp_path, model, own):
+    # The model's own space, narrowed to tiny widths so that a trial takes a second.
+    space = tmp_path / "space.toml"
+    space.write_text(f"stages = {{low = 1, high = 2}}\nchannels = [4, 8]\n{own}")
+    base = TrainConfig(model=model, data_dir=str(tiny_dir), batch_size=64, val_size=100, device="cpu",
+                       epochs=1, dry_run=True)
+    result = tune.tune(base, tmp_path / "out", trials=2, study_name=model, space_file=str(space), pruner="none")
+    for t in result.study.trials:
+        assert t.state.name == "COMPLETE", t.user_attrs.get("error")
+        widths = [t.params[f"channels_{i}"] for i in range(1, t.params["stages"] + 1)]
+        assert widths and set(widths) <= {4, 8}
+        run = config.load(tmp_path / "out" / "trials" / f"{model}-trial_{t.number}" / "config.toml")
+        assert run.model == model and run.channels == widths
+        if model == "resnet":
+            assert run.blocks == t.params["blocks"]
+    assert config.load(result.best_toml).model == model
+
+
+def test_space_file_key_of_another_model_exit_2(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text("depth = 2\n")
+    r = run_fmnist("tune", "--model", "resnet", "--space", str(space), "--out-dir", str(tmp_path / "out"))
+    assert_one_sentence(r, "'depth'", "resnet", "stages", "blocks")
+    assert not (tmp_path / "out").exists()  # refused before the study
+
+
 def test_space_file_unknown_key_exit_2(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text("learning_rate = [0.1]\n")

@@ -4,42 +4,70 @@
     init_weights(model, "xavier")
 
 Every model takes (B, 1, 28, 28) normalised images and returns (B, 10) logits.
+Each model registers its factory (whose keyword defaults are the model's
+defaults), the first-layer neurons a run follows, and its own part of `fmnist
+tune`'s search space.
+
+Names of activations and inits are checked once, by `TrainConfig.validate`
+(config.py holds them, so that `--help` needs no torch); this module builds
+what they name.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ACTIVATIONS, INITS  # noqa: F401 (the names; models.INITS is config.INITS)
 from .data import MEAN, STD
 from .errors import ModelError
 
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A model's own part of `fmnist tune`'s search space (the common fields are tune.py's).
+
+    `layers` = (argument, count, width): the list argument the search builds, from a number of layers
+    drawn from entries[count] and, for each layer i, a width drawn from entries[width] (the trial parameter
+    width_i); ("hidden", "depth", "width") gives hidden = [width_1, ..., width_depth]. Every other entry is
+    an argument of the model, searched as it is. An entry is a list (categorical choices), a range
+    {"low", "high", "log"?} (whole numbers when both ends are), or one fixed value.
+    """
+    layers: tuple[str, str, str]
+    entries: dict[str, Any]
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TRACK: dict[str, tuple[int, ...]] = {}  # name -> first-layer neurons tracked by default (1-based)
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
-}
-INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")
+_SPACE: dict[str, SearchSpace] = {}
 
 
-def register(name: str, track: tuple[int, ...] = (1,)) -> Callable:
+def register(name: str, space: SearchSpace, track: tuple[int, ...] = (1,)) -> Callable:
     """Decorator: make a model factory available to `create(name)`.
 
     The factory's keyword defaults are the model's defaults (written once, there);
+    `space` is what `fmnist tune --model name` searches of the model's own settings;
     `track` lists the first-layer neurons that a run follows unless told otherwise.
     """
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
+        argument, count, width = space.layers
+        takes = inspect.signature(factory).parameters
+        if argument not in takes or count not in space.entries or width not in space.entries or any(
+                k not in takes for k in space.entries if k not in (count, width)):
+            raise ValueError(f"the search space of model '{name}' names settings the model does not take")
         _REGISTRY[name] = factory
         _TRACK[name] = tuple(track)
+        _SPACE[name] = space
         return factory
     return wrap
 
@@ -65,6 +93,12 @@ def default_track(name: str) -> list[int]:
     return list(_TRACK[name])
 
 
+def search_space(name: str) -> SearchSpace:
+    """Model `name`'s own search space (a copy: the caller may change its entries)."""
+    _check_name(name)
+    return copy.deepcopy(_SPACE[name])
+
+
 def resolve_kwargs(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """Every argument of model `name`: the given ones over the factory's defaults.
 
@@ -79,17 +113,16 @@ def resolve_kwargs(name: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def create(name: str, **kw) -> nn.Module:
-    """Build a registered model; an unknown name or argument is a ModelError."""
+    """Build a registered model; an unknown name or argument is a ModelError.
+
+    The values are trusted: `TrainConfig.validate` checks them (an unknown activation here is a KeyError).
+    """
     resolve_kwargs(name, kw)
-    if "activation" in kw and kw["activation"] not in ACTIVATIONS:
-        raise ModelError(f"unknown activation '{kw['activation']}'; known: {', '.join(ACTIVATIONS)}.")
     return _REGISTRY[name](**kw)
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ModelError(f"unknown activation '{name}'; known: {', '.join(ACTIVATIONS)}.")
-    return ACTIVATIONS[name]()
+    return getattr(nn, ACTIVATIONS[name])()
 
 
 class MLP(nn.Module):
@@ -155,13 +188,20 @@ class CNN(nn.Module):
         return self.net(x)
 
 
-@register("mlp", track=(50,))  # the course project follows the 50th neuron of the first hidden layer
+# The course project follows the 50th neuron of the first hidden layer.
+@register("mlp", track=(50,), space=SearchSpace(("hidden", "depth", "width"), {
+    "depth": {"low": 1, "high": 3},  # hidden layers
+    "width": [64, 128, 256, 512, 1024],  # choices for each hidden layer's width (neurons)
+}))
 def mlp(hidden=(256, 128), activation="relu", dropout=0.0, batch_norm=True) -> nn.Module:
     """784 -> hidden... -> 10; the default is fmnist's default MLP (chosen on validation, see README)."""
     return MLP(tuple(hidden), activation, dropout, batch_norm)
 
 
-@register("cnn", track=(1, 8))
+@register("cnn", track=(1, 8), space=SearchSpace(("channels", "stages", "channels"), {
+    "stages": {"low": 2, "high": 3},  # conv blocks, each halving the resolution: 28 -> 14 -> 7 (-> 3)
+    "channels": [16, 32, 64, 128],  # choices for each block's channels
+}))
 def cnn(channels=(32, 64, 128), hidden=(), activation="gelu", dropout=0.0, batch_norm=True) -> nn.Module:
     """Blocks of `channels` (each conv, max-pool, BN-act, conv, BN-act), then a linear head of `hidden` widths."""
     return CNN(tuple(channels), activation, dropout, tuple(hidden), batch_norm)
@@ -239,7 +279,11 @@ class ResNet(nn.Module):
         return self.net(x)
 
 
-@register("resnet", track=(1, 8))
+@register("resnet", track=(1, 8), space=SearchSpace(("channels", "stages", "channels"), {
+    "stages": {"low": 2, "high": 3},  # stages, each after the first halving the resolution: 28, 14, 7
+    "channels": [16, 32, 64],  # choices for each stage's width (channels)
+    "blocks": {"low": 1, "high": 3},  # residual blocks per stage
+}))
 def resnet(channels=(16, 32, 64), blocks=2, activation="relu", dropout=0.0, batch_norm=True) -> nn.Module:
     """Stages of `channels` widths, `blocks` residual blocks each (the default: 2x3 blocks, a ResNet-14)."""
     return ResNet(tuple(channels), blocks, activation, dropout, batch_norm)
@@ -251,21 +295,16 @@ def init_weights(model: nn.Module, scheme: str = "xavier", std: float = 0.01) ->
     xavier: Glorot uniform; xavier_normal: Glorot normal; kaiming: He normal (fan_in, relu);
     normal: N(0, std^2), the "plain random" init of the course project;
     default: PyTorch's own (Kaiming-uniform with a=sqrt(5)), left untouched.
+    (`scheme` is one of INITS, checked by TrainConfig.validate.)
     """
-    if scheme not in INITS:
-        raise ModelError(f"unknown init '{scheme}'; known: {', '.join(INITS)}.")
     if scheme == "default":
         return model
+    fill = {"xavier": nn.init.xavier_uniform_, "xavier_normal": nn.init.xavier_normal_,
+            "kaiming": functools.partial(nn.init.kaiming_normal_, nonlinearity="relu"),
+            "normal": functools.partial(nn.init.normal_, mean=0.0, std=std)}[scheme]
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if scheme == "xavier":
-                nn.init.xavier_uniform_(m.weight)
-            elif scheme == "xavier_normal":
-                nn.init.xavier_normal_(m.weight)
-            elif scheme == "kaiming":
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            else:
-                nn.init.normal_(m.weight, 0.0, std)
+            fill(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
@@ -287,16 +326,13 @@ def neuron_weights(model: nn.Module, neurons: list[int]) -> torch.Tensor:
     """
     layer = first_layer(model)
     w = layer.weight.detach()
-    count = w.shape[0]
-    bad = [n for n in neurons if not 1 <= n <= count]
-    if bad:
-        raise ModelError(f"cannot track neuron {bad[0]}: the first layer has neurons 1..{count}; "
-                         f"choose --track-neurons from that range.")
-    idx = torch.tensor([n - 1 for n in neurons], dtype=torch.long)
+    # The neurons are checked against the layer once, before a run starts (runs.resolve); index_select
+    # raises on a neuron outside the layer rather than wrapping around as w[-1] would.
+    picked = w.index_select(0, torch.tensor([n - 1 for n in neurons], dtype=torch.long, device=w.device))
     if isinstance(layer, nn.Linear):
         side = int(round(w.shape[1] ** 0.5))
-        return w[idx].reshape(len(neurons), side, side).cpu().clone()
-    return w[idx].mean(dim=1).cpu().clone()
+        return picked.reshape(len(neurons), side, side).cpu().clone()
+    return picked.mean(dim=1).cpu().clone()
 
 
 def first_layer_pictures(model: nn.Module) -> torch.Tensor:
@@ -311,8 +347,6 @@ def is_conv(model: nn.Module) -> bool:
 def macs_per_image(model: nn.Module) -> int:
     """Multiply-adds of one 1x28x28 image through the model, counted by torch's FlopCounterMode on the meta
     device (shapes only, nothing computed): FLOPs / 2."""
-    import copy
-
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = copy.deepcopy(model).to("meta").eval()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from . import config as config_mod
@@ -43,14 +44,14 @@ from . import data, models, runs, train
 from .config import TrainConfig
 from .errors import ConfigError, TuneError
 
-# name -> a list (categorical choices) or {"low", "high", "log"?} (a float, or an int when both bounds are ints)
-DEFAULT_SPACE: dict[str, Any] = {
+# The fields every model is tuned on: name -> a list (categorical choices), {"low", "high", "log"?} (a float, or
+# an int when both bounds are ints) or a fixed value. Each model adds its own (models.search_space: the MLP its
+# depth and widths, the CNN its stages and their channels, the ResNet its stages, channels and blocks).
+COMMON_SPACE: dict[str, Any] = {
     "lr": {"low": 1e-4, "high": 1e-1, "log": True},
     "optimizer": ["sgd", "adam", "adamw"],
     "weight_decay": {"low": 1e-6, "high": 1e-1, "log": True},
     "batch_size": [64, 128, 256, 512],
-    "depth": {"low": 1, "high": 3},  # hidden layers
-    "width": [64, 128, 256, 512, 1024],  # choices for each hidden layer's width
     "dropout": {"low": 0.0, "high": 0.5},
     "batch_norm": [True, False],
     "flip": [True, False],
@@ -66,19 +67,26 @@ MAX_RETRIES = 2  # a trial whose worker died is queued again at most this often
 
 # ---------------------------------------------------------------- the search space
 
-def load_space(path: str | Path | None) -> dict[str, Any]:
-    """DEFAULT_SPACE with the entries of a TOML file replacing their namesakes.
+def default_space(model: str) -> dict[str, Any]:
+    """What `fmnist tune --model MODEL` searches: the common fields, then the model's own."""
+    return {**COMMON_SPACE, **models.search_space(model).entries}
+
+
+def load_space(path: str | Path | None, model: str = "mlp") -> dict[str, Any]:
+    """default_space(model) with the entries of a TOML file replacing their namesakes.
 
     In the file, `name = [a, b]` is a categorical choice, `name = {low = .., high = .., log = true}`
-    a range, and `name = value` fixes the value. Unknown names are a ConfigError.
+    a range, and `name = value` fixes the value. A name outside the model's space (`depth` for the
+    resnet, whose layers are `stages`) is a ConfigError.
     """
-    space = dict(DEFAULT_SPACE)
+    space = default_space(model)
     if path is None:
         return space
     where = f"search space {path}"
     for key, value in config_mod.read_toml(path, what="search space").items():
-        if key not in DEFAULT_SPACE:
-            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(DEFAULT_SPACE)}.")
+        if key not in space:
+            raise ConfigError(f"{where}: '{key}' is not in the search space of the {model}; its keys are: "
+                              f"{', '.join(space)}.")
         if isinstance(value, dict):
             extra = set(value) - {"low", "high", "log"}
             lo, hi = value.get("low"), value.get("high")
@@ -107,23 +115,38 @@ def _suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
     return spec  # a fixed value
 
 
-def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """The training config of one point of the space (depth/width_i become `hidden`)."""
-    values = {k: v for k, v in params.items() if k in config_mod.FIELDS}
-    widths = [int(params[f"width_{i}"]) for i in range(1, int(params["depth"]) + 1)]
-    cfg = config_mod.from_dict({**values, "hidden": widths}, base, where="search space")
-    if cfg.track_neurons is not None and cfg.model == "mlp":  # keep the neurons the first layer has
-        cfg = replace(cfg, track_neurons=[k for k in cfg.track_neurons if k <= widths[0]] or None)
-    return cfg.validate()
-
-
-def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
-    params = {name: _suggest(trial, name, spec) for name, spec in space.items() if name not in ("depth", "width")}
-    depth = _suggest(trial, "depth", space["depth"])
-    params["depth"] = depth
-    for i in range(1, int(depth) + 1):
-        params[f"width_{i}"] = _suggest(trial, f"width_{i}", space["width"])
+def suggest(trial: optuna.Trial, space: dict[str, Any], model: str) -> dict[str, Any]:
+    """A point of the space: every entry's value, then the model's number of layers and each layer's width
+    (`depth`, `width_1`, ..., for the mlp)."""
+    _, count, width = models.search_space(model).layers
+    params = {name: _suggest(trial, name, spec) for name, spec in space.items() if name not in (count, width)}
+    params[count] = _suggest(trial, count, space[count])
+    for i in range(1, int(params[count]) + 1):
+        params[f"{width}_{i}"] = _suggest(trial, f"{width}_{i}", space[width])
     return params
+
+
+def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    """The training config of one point of the space, for base's model.
+
+    The point's values replace base's; the model's layers (depth and width_1, ..., width_depth for the
+    mlp: its `hidden`) become its list argument. Tracked neurons that this trial's first layer lacks are
+    left out. A name that is neither a config field nor the model's layers is a ConfigError.
+    """
+    argument, count, width = models.search_space(base.model).layers
+    layers = [f"{width}_{i}" for i in range(1, int(params.get(count, 0)) + 1)]
+    values = {k: v for k, v in params.items() if k != count and k not in layers}
+    unknown = sorted(set(values) - set(config_mod.FIELDS))
+    if unknown:
+        raise ConfigError(f"search space: '{unknown[0]}' is not a setting of the {base.model}.")
+    if count in params:
+        values[argument] = [int(params[k]) for k in layers]
+    cfg = config_mod.from_dict(values, base, where="search space").validate()
+    if cfg.track_neurons is not None and count in params:  # keep the neurons this trial's first layer has
+        with torch.device("meta"):  # shapes only
+            first = models.first_layer(models.create(cfg.model, **cfg.model_kwargs())).weight.shape[0]
+        cfg = replace(cfg, track_neurons=[k for k in cfg.track_neurons if k <= first] or None)
+    return cfg
 
 
 def _ends(spec: Any) -> list[Any]:
@@ -134,23 +157,28 @@ def _ends(spec: Any) -> list[Any]:
 def check_space(base: TrainConfig, space: dict[str, Any]) -> None:
     """Every choice and range end must make a valid config: fail before a study or a trial exists.
 
-    (A combination of usable values can still be unusable, such as the widest
-    layers at the largest depth; such a trial fails with its reason, and the
-    study goes on.)
+    Each value is tried alone, on base: an entry's value with base's other fields, a number of layers
+    with the narrowest width, a width at the fewest layers. (A combination of usable values can still be
+    unusable, such as the widest layers at the largest depth; such a trial fails with its reason, and
+    the study goes on.)
     """
-    for name, spec in space.items():
-        if name in ("depth", "width"):
-            continue
-        for v in _ends(spec):
-            try:
-                runs.resolve(config_mod.from_dict({name: v}, base, where="search space"))
-            except (ConfigError, models.ModelError) as e:
-                raise ConfigError(f"search space: {name} = {v!r} is not usable ({e})") from None
-    for name, low, high in (("depth", 1, config_mod.MAX_LAYERS), ("width", 1, config_mod.MAX_WIDTH)):
+    _, count, width = models.search_space(base.model).layers
+    for name in (count, width):
         for v in _ends(space[name]):
-            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-                raise ConfigError(f"search space: {name} = {v!r} is not usable (a whole number from {low} "
-                                  f"to {high}).")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"search space: {name} = {v!r} is not usable (a whole number, at least 1).")
+    fewest, narrowest = min(_ends(space[count])), min(_ends(space[width]))
+    points = [(name, v, {name: v}) for name, spec in space.items() if name not in (count, width)
+              for v in _ends(spec)]
+    points += [(count, n, {count: n, **{f"{width}_{i}": narrowest for i in range(1, n + 1)}})
+               for n in _ends(space[count])]
+    points += [(width, w, {count: fewest, **{f"{width}_{i}": w for i in range(1, fewest + 1)}})
+               for w in _ends(space[width])]
+    for name, v, point in points:
+        try:
+            runs.resolve(trial_config(base, point))
+        except (ConfigError, models.ModelError) as e:
+            raise ConfigError(f"search space: {name} = {v!r} is not usable ({str(e).rstrip('.')}).") from None
 
 
 # ---------------------------------------------------------------- storage and study
@@ -296,8 +324,8 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
     if not config_mod.NAME_RE.fullmatch(f"{study_name}-trial_0"):  # trial run directories are named after it
         raise ConfigError(f"--study '{study_name[:120]}' cannot name trial folders: use letters, digits and "
                           ". _ + = - (no '/', not starting with '.').")
-    space = load_space(space_file)
     base = replace(base, plots=False, tensorboard=False).validate()
+    space = load_space(space_file, base.model)
     check_space(base, space)
     data.load(base.data_dir or None, base.val_size, base.split_seed)  # data problems: said before a study exists
     out = runs.claim_output_dir(out, "tune", legacy=("study.journal",))
@@ -325,7 +353,7 @@ def tune(base: TrainConfig, out: str | Path, trials: int | None = 20, timeout: f
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        cfg = trial_config(base, suggest(trial, space))
+        cfg = trial_config(base, suggest(trial, space, base.model))
         number = trial.user_attrs.get("retry_of", trial.number)  # a retried trial continues its first run
         cfg = replace(cfg, out_dir=str(out / "trials"), name=f"{study_name}-trial_{number}")
         trial.set_user_attr("config", config_mod.to_toml(cfg))
@@ -414,7 +442,9 @@ def study_figures(study: optuna.Study, out: Path) -> list[Path]:
             figures.append(plots.save_figure(ax.figure, out / "optimization_history.png"))
         if len(complete) >= 2:
             try:
-                ax = vis.plot_param_importances(study)
+                # PED-ANOVA, Optuna's default from 5.0, named so that 4.9 (whose default, fANOVA, needs
+                # scikit-learn) draws the same figure.
+                ax = vis.plot_param_importances(study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
                 ax.figure.set_size_inches(9, 6)
                 figures.append(plots.save_figure(ax.figure, out / "param_importances.png"))
             except (RuntimeError, ValueError):  # e.g. every complete trial has the same value
