@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fmnist import distributed
+from fmnist import devices
 
 
 def run(cmd: list[str], out: Path) -> dict:
@@ -41,7 +41,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--data-dir")
     args = p.parse_args()
-    cores = distributed.cores()
+    cores = devices.cores()
     common = ["--epochs", str(args.epochs), "--no-plots", "--quiet", "--device", "cpu"]
     common += ["--preset", args.preset] if args.preset else []
     common += ["--data-dir", args.data_dir] if args.data_dir else []

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402
 import tutorial_baseline as tut  # noqa: E402
 
-from fmnist import config, data, distributed, models, train  # noqa: E402
+from fmnist import config, data, devices, models, train  # noqa: E402
 from fmnist.predict import Predictor  # noqa: E402
 
 
@@ -62,8 +62,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    bf16 = "native bf16" if distributed.native_bf16() else "no native bf16"
-    return f"{name}, {distributed.cores()} cores ({bf16}), torch {torch.__version__}, no GPU used"
+    bf16 = "native bf16" if devices.native_bf16() else "no native bf16"
+    return f"{name}, {devices.cores()} cores ({bf16}), torch {torch.__version__}, no GPU used"
 
 
 def tutorial(name: str, model: torch.nn.Module, splits: data.Splits, epochs: int, target: float | None) -> dict:
@@ -255,7 +255,7 @@ def main() -> int:
     args = p.parse_args()
     presets = [s for s in args.presets.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",")]
-    torch.set_num_threads(distributed.cores())
+    torch.set_num_threads(devices.cores())
     torch.set_flush_denormal(True)
     splits = data.load(args.data_dir)
     res: dict = {"date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv[1:]), "machine": machine(),

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tutorial_baseline as tut  # noqa: E402
 
-from fmnist import data, distributed, evaluate, models, runs, train  # noqa: E402
+from fmnist import data, devices, evaluate, models, runs, train  # noqa: E402
 from fmnist.config import TrainConfig  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def race(cfg, splits, model0, epochs: int, target: float, seed: int) -> tuple[Co
 
     def fast_epoch(e):
         loader.set_epoch(e)
-        return train.train_one_epoch(fast_model, loader, fast_opt)[2]
+        return train.train_one_epoch(fast_model, loader, train.Step(fast_opt))[2]
 
     tut_model = copy.deepcopy(model0)
     tut_opt = torch.optim.AdamW(tut_model.parameters(), lr=cfg.lr)  # as a tutorial writes it
@@ -89,7 +89,7 @@ def main() -> int:
     p.add_argument("--data-dir")
     args = p.parse_args()
 
-    with distributed.cpu_share():
+    with devices.cpu_share():
         return run(args)
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fmnist import distributed, models
+from fmnist import devices, models
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to start)")
     args = ap.parse_args()
-    torch.set_num_threads(distributed.cores())
+    torch.set_num_threads(devices.cores())
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28)

@@ -130,3 +130,29 @@ def test_dry_run_real(real_dir, tmp_path):
                 "--quiet", "--no-plots")
     assert r.returncode == 0, r.stderr
     assert (Path(tmp_path) / "d" / "summary.json").is_file()
+
+
+def test_an_error_keeps_its_facts_across_processes_and_the_cli_says_it_once(capsys, monkeypatch):
+    """torch.distributed pickles rank 0's error to the other ranks: the fields must survive, and a rank that did
+    not find the error stays quiet while rank 0 says it."""
+    import pickle
+
+    from fmnist import errors
+
+    e = errors.RunError("the run is  damaged.", hint="Train it again.", run_dir="runs/a", resumable=True)
+    e.rank = 0
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is errors.RunError and isinstance(back, errors.FmnistError)
+    assert (back.message, back.hint, back.run_dir, back.resumable, back.rank) == (
+        "the run is  damaged.", "Train it again.", Path("runs/a"), True, 0)
+    assert back.sentence() == "the run is damaged. Train it again."
+
+    def fail(args):
+        raise back
+
+    monkeypatch.setattr(cli, "cmd_models", fail)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "fmnist: error: the run is damaged. Train it again.\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["models"]) == 2
+        assert capsys.readouterr().err == said

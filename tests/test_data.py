@@ -267,3 +267,18 @@ def test_dataset_from_dir(tiny_dir):
     assert len(ds) == 200
     img, label = ds[3]
     assert label == int(y[3]) and torch.equal(img[0], data.normalize(torch.from_numpy(x[3])))
+
+
+def test_every_epoch_and_rank_draws_from_its_own_seed():
+    """data.epoch_seed is the one formula for an epoch's draws: distinct per (seed, epoch) and per rank, inside
+    int64 at the largest seed and epoch a config allows, and the one the loader's shuffle uses."""
+    from fmnist.config import SEED_MAX
+
+    seeds = {data.epoch_seed(s, e, r) for s in (0, 1, 2) for e in range(1, 50) for r in (None, 0, 1, 2)}
+    assert len(seeds) == 3 * 49 * 4
+    assert data.epoch_seed(SEED_MAX, 100_000, 1023) < 2**63
+    x, y = torch.zeros(50, 28, 28, dtype=torch.uint8), torch.arange(50) % 10
+    loader = data.BatchLoader(x, y, 10, shuffle=True, seed=7)
+    loader.set_epoch(3)
+    assert torch.equal(loader.order(), torch.randperm(50, generator=torch.Generator().manual_seed(
+        data.epoch_seed(7, 3))))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import idx_bytes, make_dataset, synthetic, write_idx
+from conftest import idx_bytes, make_dataset, synthetic
 
 from fmnist import cli, data, runs, train
 from fmnist.config import TrainConfig
@@ -506,14 +505,14 @@ def test_ctrl_c_while_drawing_says_the_run_is_complete(tiny_dir, tmp_path, monke
 
 
 def test_interrupt_hints(tmp_path):
-    import argparse
-
     resumable = train.Interrupted(tmp_path / "r", resumable=True)
     assert f"--resume {tmp_path / 'r'}" in cli._interrupted(None, resumable)
     fresh = train.Interrupted(tmp_path / "r", resumable=False)
     assert "--resume" not in cli._interrupted(None, fresh)
+    drawing = train.Interrupted(tmp_path / "r", resumable=False, drawing=True)
+    assert f"fmnist plot {tmp_path / 'r'}" in cli._interrupted("train", drawing)
     for command in ("tune", "compare-init"):  # a trial or a seed's run is continued by rerunning the command
-        hint = cli._interrupted(argparse.Namespace(hint=(command, None)), resumable)
+        hint = cli._interrupted(command, resumable)
         assert "--resume" not in hint and f"run the same command again to continue the {command}" in hint
 
 
@@ -620,9 +619,11 @@ def test_no_module_imports_train_to_write_files_and_no_cycles():
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 deps |= {node.module} if node.module else {a.name for a in node.names}
         edges[p.stem] = {d.split(".")[0] for d in deps} - {p.stem}
-    for low in ("plots", "report", "evaluate", "runs", "data", "models", "config", "distributed"):
+    for low in ("plots", "report", "evaluate", "runs", "data", "models", "config", "devices", "distributed"):
         assert "train" not in edges[low], f"{low} imports train"
-    assert edges["config"] <= set(), edges["config"]  # config imports nothing else of fmnist
+    assert edges["errors"] == set(), edges["errors"]  # the bottom: every module may raise its errors
+    assert edges["config"] <= {"errors"}, edges["config"]  # config imports nothing else of fmnist
+    assert edges["devices"] <= {"errors"}, edges["devices"]  # nor does devices: it knows no torch.distributed
 
     def reach(start, node, seen):
         for nxt in edges.get(node, ()):
@@ -633,8 +634,3 @@ def test_no_module_imports_train_to_write_files_and_no_cycles():
 
     for m in edges:
         reach(m, m, set())
-
-
-def test_write_idx_helper_still_writes_plain_files(tmp_path):
-    p = write_idx(tmp_path / "x", synthetic(10, 0)[1], gz=False)
-    assert data.read_idx(p).shape == (10,) and os.path.getsize(p) == 8 + 10

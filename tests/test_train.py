@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import distributed, evaluate, runs, train
+from fmnist import devices, distributed, evaluate, runs, train
 from fmnist.config import TrainConfig
 
 
@@ -176,7 +176,7 @@ def test_missing_device_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(distributed.DeviceError, match="not available"):
-        distributed.pick_device("cuda")
+        devices.pick_device("cuda")
 
 
 def test_evaluate_checkpoint(tiny_dir, tmp_path):
@@ -199,16 +199,16 @@ def test_real_data_two_epochs_learn(real_dir, tmp_path):
 
 
 def test_cores_are_shared_among_running_trainings():
-    with distributed.cpu_share() as alone:
-        assert alone == distributed.cores()
-        with distributed.cpu_share() as second:  # a second training on this machine
-            assert second == max(1, distributed.cores() // 2)
-    with distributed.cpu_share(3) as asked:
+    with devices.cpu_share() as alone:
+        assert alone == devices.cores()
+        with devices.cpu_share() as second:  # a second training on this machine
+            assert second == max(1, devices.cores() // 2)
+    with devices.cpu_share(3) as asked:
         assert asked == 3 and torch.get_num_threads() == 3
 
 
 def test_resume_keeps_the_thread_count(tiny_dir, tmp_path):
-    if distributed.cores() < 2:
+    if devices.cores() < 2:
         pytest.skip("needs 2 cores for the automatic thread count to change")
     def stop(row):
         raise KeyboardInterrupt
@@ -217,10 +217,10 @@ def test_resume_keeps_the_thread_count(tiny_dir, tmp_path):
         train.fit(tiny_config(tiny_dir, tmp_path, name="cut", epochs=3, threads=0), on_epoch=stop)
     threads = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["threads"]
     whole = train.fit(tiny_config(tiny_dir, tmp_path, name="whole", epochs=3, threads=threads))
-    claims = max(distributed.cores(), 2) + 1  # so many others run beside it that auto would take 1 thread
+    claims = max(devices.cores(), 2) + 1  # so many others run beside it that auto would take 1 thread
     with contextlib.ExitStack() as stack:
         for _ in range(claims):
-            stack.enter_context(distributed.cpu_share())
+            stack.enter_context(devices.cpu_share())
         resumed = train.fit(TrainConfig(), resume=tmp_path / "cut")
     assert resumed.summary["threads"] == threads
     assert_same_weights(weights(whole.dir), weights(resumed.dir))
@@ -238,7 +238,7 @@ def test_ema_is_the_hand_computed_average(tiny_dir):
     twin.load_state_dict(model.state_dict())
     loader = data.BatchLoader(*splits.train, 100, shuffle=False, max_batches=4)
     ema = train.make_ema(cfg, model)
-    train.train_one_epoch(model, loader, train.make_optimizer(cfg, model), ema=ema)
+    train.train_one_epoch(model, loader, train.Step(train.make_optimizer(cfg, model), ema=ema))
     opt = torch.optim.SGD(twin.parameters(), lr=0.1)  # the same steps by hand, the average beside them
     expected = None
     for x, y in loader:
@@ -292,11 +292,11 @@ def test_bf16_and_channels_last_train_a_convnet_that_loads_anywhere(tiny_dir, tm
 
 def test_bf16_on_a_cpu_without_it_says_so(tiny_dir, tmp_path, monkeypatch):
     said: list[str] = []
-    monkeypatch.setattr(distributed, "native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "native_bf16", lambda: False)
     train.fit(tiny_config(tiny_dir, tmp_path, precision="bf16", dry_run=True), echo=said.append)
     assert any("no native bfloat16" in s for s in said)
     said.clear()
-    monkeypatch.setattr(distributed, "native_bf16", lambda: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
     train.fit(tiny_config(tiny_dir, tmp_path, name="other", precision="bf16", dry_run=True), echo=said.append)
     assert not any("bfloat16" in s for s in said)
 
@@ -399,19 +399,34 @@ def test_a_teacher_runs_as_it_was_trained(tiny_dir, tmp_path):
     assert teacher.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_fmnist_evaluate_reproduces_the_summarys_test_accuracy_for_a_bf16_tta_run(tiny_dir, tmp_path):
+def test_evaluate_and_plot_agree_with_training_on_a_bf16_channels_last_tta_run(tiny_dir, tmp_path, monkeypatch):
+    """Training's test, `fmnist evaluate` and `fmnist plot` evaluate one way (evaluate.scores): the same accuracy,
+    the same probabilities and the same confusion matrix, in the run's precision, memory format and TTA."""
+    from fmnist import plots, report
+
+    drawn = []  # what the figures are handed (probabilities, confusion matrix), without drawing them
+    monkeypatch.setattr(plots, "plot_run", lambda *a: drawn.append((a[6], a[7])) or [])
     run = train.fit(tiny_config(tiny_dir, tmp_path, model="cnn", hidden=None, channels=[4, 8], track_neurons=None,
-                                epochs=1, precision="bf16", channels_last=True, tta=True))
+                                epochs=1, precision="bf16", channels_last=True, tta=True, plots=True))
     result = evaluate.evaluate_run(run.dir, data_dir=str(tiny_dir), device="cpu")
     assert result["accuracy"] == run.summary["test_accuracy"]
+    report.draw(run.dir, data_dir=str(tiny_dir), device="cpu")  # what `fmnist plot` does
+    assert len(drawn) == 2
+    (after_training, cm_training), (replotted, cm_replotted) = drawn
+    assert cm_training.tolist() == cm_replotted.tolist() == result["confusion_matrix"]
+    np.testing.assert_array_equal(after_training, replotted)
+    model, cfg, _ = runs.load_model(run.dir)
+    plain = evaluate.scores(model, dataclasses.replace(cfg, precision="fp32", tta=False, channels_last=False),
+                            evaluate.load_splits(cfg).test, torch.device("cpu"), probabilities=True)
+    assert not np.array_equal(plain.probabilities.numpy(), replotted)  # the run's own way is what was drawn
 
 
 def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(distributed, "native_bf16", lambda native=native: native)
-        assert distributed.use_bf16("auto", cpu) is native
-        assert distributed.use_bf16("bf16", cpu) is True and distributed.use_bf16("fp32", cpu) is False
+        monkeypatch.setattr(devices, "native_bf16", lambda native=native: native)
+        assert devices.use_bf16("auto", cpu) is native
+        assert devices.use_bf16("bf16", cpu) is True and devices.use_bf16("fp32", cpu) is False
     said: list[str] = []
     run = train.fit(tiny_config(tiny_dir, tmp_path, precision="auto", dry_run=True), echo=said.append)
     assert run.summary["precision"] == "fp32" and not any("bfloat16" in s for s in said)  # no native bf16 here now

@@ -420,6 +420,16 @@ def erase_batch(x: torch.Tensor, p: float, gen: torch.Generator,
     return x.masked_fill(box, 0.0)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:
+    """The seed of epoch `epoch`'s random draws in a run of `seed`: the one formula bit-equal resume rests on.
+
+    Without `rank`: the draws every process shares (the shuffle, dropout). With it: rank `rank`'s own
+    augmentation draws under torchrun. Inside int64 for any seed up to 2**32 - 1 and epoch up to 100,000.
+    """
+    base = seed * 1_000_003 + epoch
+    return base if rank is None else base * 1009 + rank + 1
+
+
 class BatchLoader:
     """A whole split on the device as one uint8 tensor, served in batches.
 
@@ -451,7 +461,7 @@ class BatchLoader:
 
     def _generator(self) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        g.manual_seed(epoch_seed(self.seed, self.epoch))
         return g
 
     def order(self, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -479,7 +489,7 @@ class BatchLoader:
         idx = self.order(gen)
         if self.world_size > 1:  # the permutation is shared; each rank's augmentation draws are its own
             gen = torch.Generator(device=self.device)
-            gen.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1)
+            gen.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
         last = self._batches() - 1
         for i in range(len(self)):
             end = len(idx) if i == last and not self.drop_last else (i + 1) * self.batch_size

@@ -1,137 +1,20 @@
-"""Devices and CPU threads: where a run computes, and how fmnist processes on one machine share its cores.
+"""Many processes for one training (torchrun): the world, the process group, and what the ranks share.
 
-Every training holds a claim on this machine's cores while it runs (a locked
-file in the temp directory: the lock goes with the process, however it dies).
-With `threads = 0` a run takes its share of the cores: the cores this process
-may use, divided by the fmnist trainings running now. Two thread pools that
-each take every core spin against each other; measured on a 2-core machine, a
-default run beside two busy ones took 6.9x its quiet time instead of about 3x.
+Without torchrun every function here is the identity of one process: rank 0 of
+1, nothing started, nothing sent. Devices, precision and threads are devices.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import itertools
 import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from .devices import pick_device
 from .errors import DeviceError, FmnistError
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; asking for one that is absent is an error."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise DeviceError(f"device '{name}' was asked for but is not available here; use --device cpu or auto.")
-    return torch.device(name)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 convolutions and matrix products natively (oneDNN says so)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without the probe: assume it does, as torch itself would
-        return True
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a run of `precision` computes in bfloat16 on `device` ("auto": where it is native)."""
-    if precision == "bf16":
-        return True
-    if precision != "auto" or device.type == "mps":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return native_bf16()
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _claims_dir() -> Path:
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"fmnist-{uid}-cores"
-
-
-@contextlib.contextmanager
-def cpu_share(threads: int = 0) -> Iterator[int]:
-    """Hold a claim on this machine's cores and set torch's threads; yields the thread count.
-
-    threads > 0 is used as it is; 0 means cores() // (fmnist trainings holding a
-    claim now, this one included), at least 1. Denormal floats are flushed to
-    zero: Adam's second moments of near-silent pixels sink into the denormal
-    range, where x86 arithmetic crawls (about 1.5x per default epoch here).
-    """
-    torch.set_flush_denormal(True)
-    claim = _claim()
-    try:
-        n = threads or max(1, cores() // max(1, _live_claims()))
-        torch.set_num_threads(n)
-        yield n
-    finally:
-        if claim is not None:
-            _release(claim)
-
-
-_CLAIMS = itertools.count(1)  # this process's claims, numbered (an object's id() can repeat once it is freed)
-
-
-def _claim() -> tuple[IO, Path] | None:
-    """A locked file of this process and its path, or None without file locks (all cores are then used)."""
-    try:
-        import fcntl
-
-        d = _claims_dir()
-        d.mkdir(mode=0o700, exist_ok=True)
-        name = f"{os.getpid()}-{next(_CLAIMS)}"  # unique while it is held, also among one process's claims
-        f = open(d / (name + ".new"), "w")  # held open: the lock lives with it
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.replace(d / (name + ".new"), d / name)  # only locked files carry a claim's name
-        return f, d / name
-    except (ImportError, OSError):
-        return None
-
-
-def _release(claim: tuple[IO, Path]) -> None:
-    f, path = claim
-    path.unlink(missing_ok=True)
-    f.close()
-
-
-def _live_claims() -> int:
-    """Claims whose process is alive: their files are locked. Files of dead processes are removed."""
-    try:
-        import fcntl
-    except ImportError:
-        return 1
-    live = 0
-    for p in _claims_dir().glob("*[0-9]"):
-        try:
-            with open(p, "a") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    live += 1  # locked: its process runs
-                    continue
-                p.unlink(missing_ok=True)  # unlocked: left by a process that died
-                fcntl.flock(f, fcntl.LOCK_UN)
-        except OSError:
-            continue
-    return live
-
-
-# ---------------------------------------------------------------- many processes (torchrun)
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that waits longer for the others gives up
 

@@ -225,25 +225,22 @@ def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Pa
 # ---------------------------------------------------------------- all of a run
 
 def plot_run(run_dir: str | Path, history: list[dict], summary: dict, neurons: dict[int, np.ndarray],
-             test_images: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray,
-             train_images: np.ndarray, train_labels: np.ndarray, first_layer: np.ndarray,
-             conv: bool) -> list[Path]:
-    """Write every figure of the run into run_dir/plots/; returns their paths."""
+             test_images: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray, confusion: np.ndarray,
+             train: tuple[np.ndarray, np.ndarray], first_layer: np.ndarray, conv: bool) -> list[Path]:
+    """Write every figure of the run into run_dir/plots/; returns their paths. `confusion`: the test split's
+    (10, 10) counts as evaluate computed them; `train`: the training split's (images, labels)."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
     paths = [
         curves(history, out / "curves.png", summary.get("test_accuracy"), summary.get("best_epoch"),
                title=f"{run_dir.name}"),
-        samples(train_images, train_labels, out / "samples.png"),
+        samples(*train, out / "samples.png"),
     ]
     for k, snaps in sorted(neurons.items()):
         paths.append(neuron_evolution(snaps, k, out / f"neuron_{k}.png", conv=conv))
         paths.append(neuron_gif(snaps, k, out / f"neuron_{k}.gif"))
     paths.append(atlas(first_layer, out / "neurons_atlas.png", conv=conv, epoch=len(history)))
-    pred = test_probs.argmax(1)
-    cm = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(cm, (test_labels, pred), 1)
-    paths.append(confusion_matrix(cm, out / "confusion_matrix.png"))
+    paths.append(confusion_matrix(confusion, out / "confusion_matrix.png"))
     paths.append(mistakes(test_images, test_labels, test_probs, out / "mistakes.png"))
     return paths
 

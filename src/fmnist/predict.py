@@ -307,10 +307,10 @@ class Predictor:
     # -- loading
 
     def _load_checkpoint(self, path: Path, device: str) -> None:
-        from . import data, distributed, runs
+        from . import data, devices, runs
 
         model, cfg, ckpt = runs.load_model(path)
-        self._use_module(model, data.CLASSES, distributed.pick_device(device), tta=cfg.tta)
+        self._use_module(model, data.CLASSES, devices.pick_device(device), tta=cfg.tta)
         if cfg.channels_last:  # as it was trained: cnn-fast with TTA, batch 1024, 775 -> 2,242 images/s on 2 cores
             self._module = self._module.to(memory_format=self._torch.channels_last)
         self.backend = "pytorch"

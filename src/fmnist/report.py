@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 from . import runs
@@ -74,15 +75,15 @@ def _shape(cfg: dict) -> str:
     return "(" + "; ".join(parts) + ")" if parts else ""
 
 
-def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto", splits=None,
-         test_probs=None, final_model=None) -> list[Path]:
+def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto", splits=None, scores=None,
+         final_model=None) -> list[Path]:
     """Every figure of a run into run_dir/plots/, then report.html; returns their paths.
 
-    After a training, `fit` hands over what it has in memory (the splits, the
-    test probabilities of best.pt, the final model); `fmnist plot` passes
-    nothing and everything is recomputed from the run's files and its data.
+    After a training, `fit` hands over what it has in memory (the splits, best.pt's test `evaluate.Scores` with
+    probabilities, the final model); `fmnist plot` passes nothing and everything is recomputed from the run's
+    files and its data, evaluated as training tested it (evaluate.scores).
     """
-    from . import data, distributed, evaluate, models, plots
+    from . import devices, evaluate, models, plots
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -98,18 +99,17 @@ def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
         cfg = runs.checkpoint_config(last, run_dir / "last.pt")
         runs.check_pair(run_dir, cfg)
         final_model = runs.load_state(runs.build_model(cfg), last["model"], run_dir / "last.pt")
-    if splits is None or test_probs is None:
+    if splits is None or scores is None:
         model, best_cfg, _ = runs.load_model(run_dir / "best.pt")
         splits = evaluate.load_splits(best_cfg, data_dir)
-        dev = distributed.pick_device(device)
-        with distributed.cpu_share():
-            _, _, test_probs = evaluate.evaluate(model.to(dev), data.BatchLoader(*splits.test, 1024, device=dev),
-                                                 return_predictions=True, tta=best_cfg.tta)
-    n = len(test_probs)
+        dev = devices.pick_device(device)
+        with devices.cpu_share():
+            scores = evaluate.scores(model.to(dev), best_cfg, splits.test, dev, probabilities=True)
+    n = len(scores.labels)
     paths = plots.plot_run(run_dir, history, summary, neurons, splits.test[0][:n].numpy(),
-                           splits.test[1][:n].numpy(), test_probs.numpy(), splits.train[0].numpy(),
-                           splits.train[1].numpy(), models.first_layer_pictures(final_model.cpu()).numpy(),
-                           models.is_conv(final_model))
+                           scores.labels.numpy(), scores.probabilities.numpy(), scores.confusion().numpy(),
+                           (splits.train[0].numpy(), splits.train[1].numpy()),
+                           models.first_layer_pictures(final_model.cpu()).numpy(), models.is_conv(final_model))
     return [*paths, write(run_dir)]
 
 
@@ -121,7 +121,8 @@ def write(run_dir: str | Path) -> Path:
     cfg = vars(runs.read_config(run_dir))
     cfg_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     plots = run_dir / "plots"
-    neurons = sorted((p.name for p in plots.glob("neuron_*.png")), key=lambda s: int(s[7:-4]))
+    neurons = sorted((p.name for p in plots.glob("neuron_*.png") if re.fullmatch(r"neuron_\d+\.png", p.name)),
+                     key=lambda s: int(s[7:-4]))  # neuron_7 before neuron_50; a stray neuron_7-old.png is no neuron
 
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",

@@ -1,15 +1,18 @@
 """Training: `fit(config)` runs one training into a run directory.
 
-The loop, top to bottom, per epoch: seed from (seed, epoch), train, validate,
-step the schedule, append a history row, snapshot the tracked neurons, save
-`last.pt` atomically (and `best.pt` on a better validation accuracy). At the
-end `best.pt` is reloaded and evaluated once on the test split.
+`fit` reads top to bottom: open the run (new, resumed, or continued after a
+torchrun restart), check everything a user can get wrong (teacher, data), claim
+the run directory, build a `Training` (the dataclass that holds a training's
+state), restore it from last.pt, and then per epoch: `train_epoch`, `validate`,
+`checkpoint`. At the end, `finish` evaluates best.pt once on the test split,
+writes summary.json and draws the figures.
 
-Every random draw of epoch e depends only on (seed, e), and `last.pt` holds
-everything else (weights, optimiser, schedule, history, snapshots), so a run
-killed at any moment and resumed ends with the same weights as one that never
-stopped (on the CPU: last.pt also keeps the number of threads, since float
-sums split over another number of threads round differently).
+Every random draw of epoch e depends only on (seed, e) (data.epoch_seed), and
+`last.pt` holds everything else (weights, optimiser, schedule, history,
+snapshots), so a run killed at any moment and resumed ends with the same
+weights as one that never stopped (on the CPU: last.pt also keeps the number of
+threads, since float sums split over another number of threads round
+differently).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, distributed, models, runs
+from . import data, devices, distributed, evaluate, models, runs
 from .config import TrainConfig
 from .errors import Interrupted, RunError, TrainError
-from .evaluate import evaluate
 
 DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
+BF16_NOTE = ("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
+             "correctly but far slower than fp32 here (a convnet: about 10x slower on an AVX2-only machine)")
 
 
 @dataclass
@@ -118,8 +122,8 @@ class Teacher(nn.Module):
         self.channels_last = trained.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.bf16 = distributed.use_bf16(trained.precision, device) and (
-            device.type != "cpu" or distributed.native_bf16())
+        self.bf16 = devices.use_bf16(trained.precision, device) and (
+            device.type != "cpu" or devices.native_bf16())
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,46 +160,93 @@ def make_ema(cfg: TrainConfig, model: nn.Module):
 
 # ---------------------------------------------------------------- one epoch
 
-def train_one_epoch(model: nn.Module, loader: data.BatchLoader, opt: torch.optim.Optimizer,
-                    sched=None, label_smoothing: float = 0.0, progress: bool = False,
-                    desc: str = "", ema=None, bf16: bool = False, teacher: nn.Module | None = None,
-                    distill: tuple[float, float] = (4.0, 0.5),
-                    world: distributed.World = distributed.World()) -> tuple[float, float, float]:
-    """(mean loss, accuracy, seconds) over the epoch; `sched` is stepped per batch if given, `ema` updated
-    after every step; `bf16`: the forward pass under bfloat16 autocast; `teacher`: distillation at
-    `distill` = (temperature, weight). With several processes (`world`), each rank's loss is scaled so that
-    the gradients DistributedDataParallel averages are the global batch's, and the figures are all ranks'."""
+@dataclass
+class Step:
+    """How one batch is learned from: the optimiser and everything that goes with its step."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: Any = None  # stepped after every batch (onecycle, linear); None where it steps per epoch or is absent
+    ema: Any = None  # an AveragedModel updated after every step, or None
+    bf16: bool = False  # the forward pass under bfloat16 autocast
+    label_smoothing: float = 0.0
+    teacher: nn.Module | None = None  # distillation from this model's logits at `distill`
+    distill: tuple[float, float] = (4.0, 0.5)  # (temperature, weight of the teacher's targets)
+    world: distributed.World = distributed.World()
+
+
+def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, progress: bool = False,
+                    desc: str = "") -> tuple[float, float, float]:
+    """(mean loss, accuracy, seconds) over one pass of `loader`, taking `step` after every batch.
+
+    With several processes (`step.world`), each rank's loss is scaled so that the gradients
+    DistributedDataParallel averages are the global batch's, and the figures are all ranks'.
+    """
     from tqdm import tqdm
 
     model.train()
     start = time.perf_counter()
-    loss_sum = torch.zeros((), device=loader.device)
-    correct = torch.zeros((), dtype=torch.long, device=loader.device)
+    world, device = step.world, loader.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=step.bf16):
             logits = model(x)
-            if teacher is None:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if step.teacher is None:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=step.label_smoothing)
             else:
-                with torch.autocast(loader.device.type, enabled=False):
-                    taught = teacher(x)  # the teacher sees the same augmented batch
-                loss = distill_loss(logits.float(), taught, y, *distill, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, enabled=False):
+                    taught = step.teacher(x)  # the teacher sees the same augmented batch
+                loss = distill_loss(logits.float(), taught, y, *step.distill, label_smoothing=step.label_smoothing)
+        step.optimizer.zero_grad(set_to_none=True)
         if world.size > 1:  # this rank's share of the global batch's mean loss, times world size
             (loss * (len(y) * world.size / loader.global_count)).backward()
         else:
             loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        if sched is not None:
-            sched.step()
+        step.optimizer.step()
+        if step.ema is not None:
+            step.ema.update_parameters(model)
+        if step.schedule is not None:
+            step.schedule.step()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per batch
         correct += (logits.detach().argmax(1) == y).sum()
         n += len(y)
     loss_total, right, seen = distributed.all_sum([loss_sum.item(), correct.item(), n], world)
     return loss_total / seen, right / seen, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- a training's state
+
+@dataclass
+class Training:
+    """Everything one training holds while it runs. The loop in `fit` passes it to each step."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    world: distributed.World
+    splits: data.Splits
+    model: nn.Module  # the network: its weights are trained, snapshotted and saved in last.pt
+    wrapped: nn.Module  # the same network as the training step calls it (in DDP, compiled); same parameters
+    step: Step  # optimiser, per-batch schedule, EMA, precision, teacher
+    schedule: Any  # the learning-rate scheduler (also in `step` when it steps per batch), or None
+    train_loader: data.BatchLoader
+    epochs: int  # this run's last epoch (at most 2 in a dry run)
+    echo: Callable[[str], None]
+    progress: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    neurons: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # tracked neuron -> one picture an epoch
+    best: dict[str, Any] = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    start_epoch: int = 1
+    tb: Any = None  # a TensorBoard SummaryWriter, or None
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_loader.device
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network that validation, best.pt and the test use: the EMA average if there is one."""
+        return self.step.ema.module if self.step.ema is not None else self.model
 
 
 # ---------------------------------------------------------------- the run
@@ -214,36 +265,78 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     touched at all: the summary then has no test figures and no figures are
     drawn (for tuning, where every decision must rest on validation alone).
     """
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     world, device = distributed.start(cfg.device)
     if not world.main:  # one voice: rank 0's
         echo, progress = (lambda s: None), False
     try:
-        return _fit_in_world(cfg, resume, progress, echo, command, on_epoch, test, data_dir, world, device, t_start)
+        cfg, resumed, saved, device = open_run(cfg, resume, world, device, echo)
+        teacher = load_teacher(cfg, device)  # before anything is written: a missing teacher is one sentence
+        splits = load_data(cfg, resumed, saved, data_dir)
+        if cfg.tensorboard and world.main:
+            _summary_writer()  # a missing package is said before anything is written
+        run_dir, created, held = claim_run(cfg, resumed, world)
+        cfg = dataclasses.replace(cfg, name=run_dir.name)
+        try:
+            with cpu_threads(cfg, saved, world, device):
+                if cfg.precision == "bf16" and device.type == "cpu" and not devices.native_bf16():
+                    echo(BF16_NOTE)
+                t = build(cfg, run_dir, world, splits, device, teacher)
+                t.echo, t.progress = echo, progress
+                restore(t, saved)
+                start_files(t)
+                try:
+                    for epoch in range(t.start_epoch, t.epochs + 1):
+                        row = train_epoch(t, epoch)
+                        validate(t, row)
+                        checkpoint(t, row)
+                        if on_epoch is not None:
+                            on_epoch(row)
+                        echo(f"epoch {epoch:3d}/{t.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
+                             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+                             f"{row['seconds']:.1f}s")
+                finally:
+                    if t.tb is not None:
+                        t.tb.close()
+                return finish(t, test, command, started)
+        except KeyboardInterrupt:
+            if not world.main:
+                raise
+            raise interrupted(cfg, run_dir, made_here=created) from None
+        except RuntimeError as e:
+            if "memory" in str(e).lower() and ("allocat" in str(e).lower() or "out of" in str(e).lower()):
+                raise TrainError(f"out of memory while training ({str(e).splitlines()[0][:120]}); "
+                                 "choose a smaller --batch-size or model.") from None
+            raise
+        finally:
+            if held is not None:
+                held.close()  # the run directory is free for the next process
     finally:
         if world.size > 1:
             distributed.stop()
 
 
-def _fit_in_world(cfg, resume, progress, echo, command, on_epoch, test, data_dir, world, device, t_start) -> Run:
-    state: dict | None = None
+# ---------------------------------------------------------------- before the loop
+
+def open_run(cfg: TrainConfig, resume: str | Path | None, world: distributed.World, device: torch.device,
+             echo: Callable[[str], None]) -> tuple[TrainConfig, Path | None, dict | None, torch.device]:
+    """(config, run to continue or None, its last.pt, device): the run a torchrun restart or --resume continues,
+    with its saved config, or the given config resolved for a new run."""
     if resume is None:
         resume = distributed.on_main(lambda: _restarted_run(cfg), world)
         if resume is not None:
             echo(f"torchrun restarted this training: continuing {resume}")
-    if resume is not None:
-        run_dir = Path(resume)
-        state, cfg = distributed.on_main(lambda: _resume_state(run_dir), world)
-        data_at = runs.data_dir_for(cfg.data_dir, data_dir)
-        if world.size == 1:  # one process continues on the device the run chose (torchrun's group is set up)
-            device = distributed.pick_device(cfg.device)
-    else:
+    if resume is None:
         cfg = runs.resolve(cfg)
         if cfg.data_dir:  # a relative path means "from here": keep it meaningful from anywhere
             cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
         if cfg.teacher:  # likewise
             cfg = dataclasses.replace(cfg, teacher=str(Path(cfg.teacher).resolve()))
-        data_at = cfg.data_dir or None
+        saved = None
+    else:
+        saved, cfg = distributed.on_main(lambda: _resume_state(Path(resume)), world)
+        if world.size == 1:  # one process continues on the device the run chose (torchrun's group is set up)
+            device = devices.pick_device(cfg.device)
 
     def check_batch() -> None:
         if cfg.batch_size % world.size:
@@ -251,52 +344,61 @@ def _fit_in_world(cfg, resume, progress, echo, command, on_epoch, test, data_dir
                              f"{world.size} processes; choose a multiple of {world.size}.")
 
     distributed.on_main(check_batch, world)
-    teacher = load_teacher(cfg, device)  # before anything is written: a missing teacher is one sentence
-    splits = data.load(data_at, cfg.val_size, cfg.split_seed)
-    if state is not None and state.get("data", splits.digest) != splits.digest:
-        raise RunError(f"{splits.directory} does not hold the data that {run_dir} was trained on (the files differ); "
-                       "point --data-dir at that data.")
-    if cfg.tensorboard and world.main:
-        _summary_writer()  # a missing package is said before anything is written
-    created, held = False, None
-    if resume is None:
-        def create() -> str:
-            nonlocal created, held
-            made, created, held = runs.create(cfg.out_dir, cfg.name or runs.default_name(cfg))
-            _note_for_restarts(cfg.out_dir, made.name)
-            return made.name
+    return cfg, (Path(resume) if resume is not None else None), saved, device
 
-        run_dir = Path(cfg.out_dir) / distributed.on_main(create, world)
-        cfg = dataclasses.replace(cfg, name=run_dir.name)
-    elif world.main:
-        held = runs.lock(run_dir)
-        runs.clean_temp(run_dir)
-    # Float sums split over another number of threads round differently: a resumed run keeps its thread count.
-    saved = (state or {}).get("threads", 0) if (state or {}).get("world_size", 1) == world.size else 0
-    threads = cfg.threads or saved or (max(1, distributed.cores() // world.local_size) if world.size > 1 else 0)
-    share = distributed.cpu_share(threads) if device.type == "cpu" else contextlib.nullcontext()
-    try:
-        with share:
-            return _fit(cfg, run_dir, state, splits, device, progress, echo, command, on_epoch, test, t_start,
-                        teacher, world)
-    except KeyboardInterrupt:
+
+def load_data(cfg: TrainConfig, resumed: Path | None, saved: dict | None, data_dir: str | None) -> data.Splits:
+    """The splits to train on; a resumed run's data must be the data it was trained on."""
+    at = runs.data_dir_for(cfg.data_dir, data_dir) if resumed is not None else (cfg.data_dir or None)
+    splits = data.load(at, cfg.val_size, cfg.split_seed)
+    if saved is not None and saved.get("data", splits.digest) != splits.digest:
+        raise RunError(f"{splits.directory} does not hold the data that {resumed} was trained on (the files "
+                       "differ); point --data-dir at that data.")
+    return splits
+
+
+def claim_run(cfg: TrainConfig, resumed: Path | None, world: distributed.World) -> tuple[Path, bool, Any]:
+    """(run directory, whether this call made it, its lock or None): a new run directory made by rank 0, or the
+    resumed one, locked."""
+    if resumed is not None:
         if not world.main:
-            raise
-        if (run_dir / "summary.json").is_file() and not (run_dir / "report.html").is_file() and cfg.plots:
-            raise Interrupted(run_dir, resumable=False, drawing=True) from None
-        if (run_dir / "last.pt").is_file():
-            raise Interrupted(run_dir, resumable=True) from None
-        if resume is None and created:  # stopped before its first epoch ended: leave no half-started run behind
-            runs.remove_unstarted(run_dir)
-        raise Interrupted(run_dir, resumable=False) from None
-    except RuntimeError as e:
-        if "memory" in str(e).lower() and ("allocat" in str(e).lower() or "out of" in str(e).lower()):
-            raise TrainError(f"out of memory while training ({str(e).splitlines()[0][:120]}); "
-                             "choose a smaller --batch-size or model.") from None
-        raise
-    finally:
-        if held is not None:
-            held.close()  # the run directory is free for the next process
+            return resumed, False, None
+        held = runs.lock(resumed)
+        runs.clean_temp(resumed)
+        return resumed, False, held
+    created, held = False, None
+
+    def create() -> str:
+        nonlocal created, held
+        made, created, held = runs.create(cfg.out_dir, cfg.name or runs.default_name(cfg))
+        _note_for_restarts(cfg.out_dir, made.name)
+        return made.name
+
+    return Path(cfg.out_dir) / distributed.on_main(create, world), created, held
+
+
+def cpu_threads(cfg: TrainConfig, saved: dict | None, world: distributed.World, device: torch.device):
+    """The claim on this machine's cores that the training holds while it runs (nothing on a GPU).
+
+    Float sums split over another number of threads round differently: a resumed run keeps its thread count.
+    """
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    kept = (saved or {}).get("threads", 0) if (saved or {}).get("world_size", 1) == world.size else 0
+    per_process = max(1, devices.cores() // world.local_size) if world.size > 1 else 0
+    return devices.cpu_share(cfg.threads or kept or per_process)
+
+
+def interrupted(cfg: TrainConfig, run_dir: Path, made_here: bool) -> Interrupted:
+    """What Ctrl-C leaves: a finished run whose figures were being drawn, a run to resume, or nothing (a run
+    directory this training made, stopped before its first epoch ended, is removed)."""
+    if (run_dir / "summary.json").is_file() and not (run_dir / "report.html").is_file() and cfg.plots:
+        return Interrupted(run_dir, resumable=False, drawing=True)
+    if (run_dir / "last.pt").is_file():
+        return Interrupted(run_dir, resumable=True)
+    if made_here:
+        runs.remove_unstarted(run_dir)
+    return Interrupted(run_dir, resumable=False)
 
 
 # torchrun's --max-restarts starts the same command again after a worker dies: the new attempt continues the
@@ -344,15 +446,11 @@ def _resume_state(run_dir: Path) -> tuple[dict, TrainConfig]:
     return state, cfg
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Splits, device: torch.device,
-         progress: bool, echo: Callable[[str], None], command: str, on_epoch: Callable[[dict], None] | None,
-         test: bool, t_start: float, teacher: nn.Module | None = None,
-         world: distributed.World = distributed.World()) -> Run:
+def build(cfg: TrainConfig, run_dir: Path, world: distributed.World, splits: data.Splits, device: torch.device,
+          teacher: nn.Module | None) -> Training:
+    """A new training's state: the initialised network, its optimiser, schedule, EMA and loaders."""
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    if cfg.precision == "bf16" and device.type == "cpu" and not distributed.native_bf16():
-        echo("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
-             "correctly but far slower than fp32 here (a convnet: about 10x slower on an AVX2-only machine)")
-    bf16 = distributed.use_bf16(cfg.precision, device)
+    bf16 = devices.use_bf16(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
     if world.size > 1 and device.type == "cuda":  # batch statistics over all ranks' images (no CPU kernel)
@@ -360,157 +458,145 @@ def _fit(cfg: TrainConfig, run_dir: Path, state: dict | None, splits: data.Split
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = make_ema(cfg, model)
-    trained = model  # what the training step calls; it shares model's parameters, and checkpoints use model
-    if world.size > 1:
-        trained = distributed.ddp(model)
+    wrapped = distributed.ddp(model) if world.size > 1 else model
     if cfg.compile:
-        trained = _compiled(trained)
-    aug = data.Augment(cfg.flip, cfg.translate, cfg.erase)
-    limit = DRY_RUN_BATCHES if cfg.dry_run else None
-    train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=aug, seed=cfg.seed,
-                                    device=device, max_batches=limit, rank=world.rank, world_size=world.size)
-    val_part = _part(splits.val, 2 * 1024 if cfg.dry_run else None, world)  # each rank validates its part
-    val_loader = data.BatchLoader(*val_part, 1024, device=device)
+        wrapped = _compiled(wrapped)
+    train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=data.Augment(
+        cfg.flip, cfg.translate, cfg.erase), seed=cfg.seed, device=device,
+        max_batches=DRY_RUN_BATCHES if cfg.dry_run else None, rank=world.rank, world_size=world.size)
     opt = make_optimizer(cfg, model, device)
-    sched, per_batch = make_schedule(cfg, opt, len(train_loader), epochs)
+    schedule, per_batch = make_schedule(cfg, opt, len(train_loader), epochs)
+    step = Step(opt, schedule if per_batch else None, ema, bf16, cfg.label_smoothing, teacher,
+                (cfg.distill_temperature, cfg.distill_weight), world)
+    neurons = {k: [w] for k, w in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons))}
+    return Training(cfg, run_dir, world, splits, model, wrapped, step, schedule, train_loader, epochs,
+                    echo=lambda s: None, progress=False, neurons=neurons)
 
-    history: list[dict] = []
-    neurons = {k: [t] for k, t in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons))}
-    best = {"val_acc": -1.0, "epoch": 0}
-    start_epoch = 1
-    if state is not None:
-        last = run_dir / "last.pt"
-        runs.load_state(model, state["model"], last)
-        try:
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(state["scheduler"])
-            history, best = list(state["history"]), dict(state["best"])
-            neurons = {int(k): list(v) for k, v in state["neurons"].items()}
-        except (ValueError, KeyError, TypeError, RuntimeError):
-            raise RunError(f"{last} is damaged or foreign: its optimiser, schedule or history do not fit "
-                           "its configuration.") from None
-        start_epoch = state["epoch"] + 1
-        echo(f"resuming {run_dir} after epoch {state['epoch']}")
-        if state.get("world_size", 1) != world.size:
-            echo(f"note: this run trained on {state.get('world_size', 1)} process(es) and continues on {world.size}: "
-                 "it is a correct continuation, but not bit-equal to a run that never stopped")
-    # Nothing is written before the state above has been restored: a foreign last.pt leaves the run as it was.
-    tb = None
-    if world.main:
-        runs.write_config(run_dir, cfg)
-        tb = _tensorboard(run_dir) if cfg.tensorboard else None
-        runs.write_history(run_dir, history)
-        runs.write_neurons(run_dir, neurons)
 
+def restore(t: Training, saved: dict | None) -> None:
+    """Continue from a last.pt: weights, EMA, optimiser, schedule, history, best epoch and neuron snapshots."""
+    if saved is None:
+        return
+    last = t.run_dir / "last.pt"
+    runs.load_state(t.model, saved["model"], last)
     try:
-        for epoch in range(start_epoch, epochs + 1):
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout draws: a function of (seed, epoch)
-            train_loader.set_epoch(epoch)
-            lr = opt.param_groups[0]["lr"]
-            tr_loss, tr_acc, secs = train_one_epoch(
-                trained, train_loader, opt, sched if per_batch else None, cfg.label_smoothing,
-                progress, desc=f"epoch {epoch}/{epochs}", ema=ema, bf16=bf16,
-                teacher=teacher, distill=(cfg.distill_temperature, cfg.distill_weight), world=world)
-            kept = ema.module if ema is not None else model  # what validation, best.pt and the test use
-            distributed.average_buffers(model, world)
-            if ema is not None:
-                distributed.average_buffers(ema.module, world)
-            val_loss, val_acc = evaluate(kept, val_loader, tta=cfg.tta, bf16=bf16, world=world)
-            if not (math.isfinite(tr_loss) and math.isfinite(val_loss)):
-                last = f"The last good checkpoint is {run_dir / 'last.pt'}." if epoch > 1 else "No epoch was saved."
-                raise TrainError(f"training diverged at epoch {epoch} (loss is {tr_loss}); try a lower --lr. {last}")
-            if sched is not None and not per_batch:
-                sched.step(val_loss) if cfg.schedule == "plateau" else sched.step()
-            row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc, val_loss=val_loss,
-                       val_acc=val_acc, seconds=round(secs, 3))
-            history.append(row)
-            for k, t in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons)):
-                neurons[k].append(t)
-            cfg_dict = dataclasses.asdict(cfg)
-            improved = val_acc > best["val_acc"]
-            if improved:
-                best = {"val_acc": val_acc, "epoch": epoch}
-            if world.main:
-                _save(run_dir, model, kept, opt, sched, ema, cfg_dict, epoch, val_acc, improved, history, best,
-                      splits, neurons, device, world, tb, row)
-            if on_epoch is not None:
-                on_epoch(row)
-            echo(f"epoch {epoch:3d}/{epochs}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
-                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  {secs:.1f}s")
-    finally:
-        if tb is not None:
-            tb.close()
-    return _finish(cfg, run_dir, model, splits, device, test, best, history, train_loader, t_start, command,
-                   bf16, world)
+        if t.step.ema is not None:
+            t.step.ema.load_state_dict(saved["ema"])
+        t.step.optimizer.load_state_dict(saved["optimizer"])
+        if t.schedule is not None:
+            t.schedule.load_state_dict(saved["scheduler"])
+        t.history, t.best = list(saved["history"]), dict(saved["best"])
+        t.neurons = {int(k): list(v) for k, v in saved["neurons"].items()}
+    except (ValueError, KeyError, TypeError, RuntimeError):
+        raise RunError(f"{last} is damaged or foreign: its optimiser, schedule or history do not fit "
+                       "its configuration.") from None
+    t.start_epoch = saved["epoch"] + 1
+    t.echo(f"resuming {t.run_dir} after epoch {saved['epoch']}")
+    if saved.get("world_size", 1) != t.world.size:
+        t.echo(f"note: this run trained on {saved.get('world_size', 1)} process(es) and continues on "
+               f"{t.world.size}: it is a correct continuation, but not bit-equal to a run that never stopped")
 
 
-def _part(split: tuple[torch.Tensor, torch.Tensor], limit: int | None, world: distributed.World):
-    """This rank's contiguous part of a split (the first `limit` images of it, if given)."""
-    x, y = split
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    part = distributed.shard(len(y), world.rank, world.size)
-    return x[part], y[part]
+def start_files(t: Training) -> None:
+    """Rank 0 writes config.toml, the history and neurons so far, and opens TensorBoard. Nothing is written before
+    `restore`: a foreign last.pt leaves the run as it was."""
+    if not t.world.main:
+        return
+    runs.write_config(t.run_dir, t.cfg)
+    t.tb = _tensorboard(t.run_dir) if t.cfg.tensorboard else None
+    runs.write_history(t.run_dir, t.history)
+    runs.write_neurons(t.run_dir, t.neurons)
 
 
-def _save(run_dir, model, kept, opt, sched, ema, cfg_dict, epoch, val_acc, improved, history, best, splits,
-          neurons, device, world, tb, row) -> None:
-    """Rank 0's writes after an epoch: best.pt if better, last.pt, history and neuron snapshots, TensorBoard."""
+# ---------------------------------------------------------------- the loop's steps
+
+def train_epoch(t: Training, epoch: int) -> dict[str, Any]:
+    """One pass over the training split; returns the epoch's history row (its validation figures still None)."""
+    torch.manual_seed(data.epoch_seed(t.cfg.seed, epoch))  # dropout draws: a function of (seed, epoch)
+    t.train_loader.set_epoch(epoch)
+    lr = t.step.optimizer.param_groups[0]["lr"]
+    loss, acc, secs = train_one_epoch(t.wrapped, t.train_loader, t.step, t.progress, f"epoch {epoch}/{t.epochs}")
+    # validate() fills in the validation figures; the keys stand in history.jsonl's column order
+    return dict(epoch=epoch, lr=lr, train_loss=loss, train_acc=acc, val_loss=None, val_acc=None,
+                seconds=round(secs, 3))
+
+
+def validate(t: Training, row: dict[str, Any]) -> None:
+    """Validation loss and accuracy into `row`; the schedule's epoch step; the history and neuron snapshots."""
+    distributed.average_buffers(t.model, t.world)
+    if t.step.ema is not None:
+        distributed.average_buffers(t.step.ema.module, t.world)
+    val = t.splits.val if not t.cfg.dry_run else tuple(s[:2 * 1024] for s in t.splits.val)
+    scores = evaluate.scores(t.evaluated, t.cfg, val, t.device, t.world)
+    if not (math.isfinite(row["train_loss"]) and math.isfinite(scores.loss)):
+        last = f"The last good checkpoint is {t.run_dir / 'last.pt'}." if row["epoch"] > 1 else "No epoch was saved."
+        raise TrainError(f"training diverged at epoch {row['epoch']} (loss is {row['train_loss']}); try a lower "
+                         f"--lr. {last}")
+    if t.schedule is not None and t.step.schedule is None:
+        t.schedule.step(scores.loss) if t.cfg.schedule == "plateau" else t.schedule.step()
+    row.update(val_loss=scores.loss, val_acc=scores.accuracy)
+    t.history.append(row)
+    for k, w in zip(t.cfg.track_neurons, models.neuron_weights(t.model, t.cfg.track_neurons)):
+        t.neurons[k].append(w)
+
+
+def checkpoint(t: Training, row: dict[str, Any]) -> None:
+    """Rank 0 writes best.pt if validation improved, then last.pt, the history and snapshots, TensorBoard."""
+    improved = row["val_acc"] > t.best["val_acc"]
     if improved:
-        runs.save_checkpoint({"model": _plain(kept.state_dict()), "config": cfg_dict, "epoch": epoch,
-                              "val_acc": val_acc, "data": splits.digest}, run_dir / "best.pt")
-    runs.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict() if sched is not None else {},
-                          "config": cfg_dict, "epoch": epoch, "history": history, "best": best,
-                          "data": splits.digest, **({"ema": ema.state_dict()} if ema is not None else {}),
-                          "threads": torch.get_num_threads() if device.type == "cpu" else 0,
-                          "world_size": world.size,
-                          "neurons": {str(k): torch.stack(v) for k, v in neurons.items()}},
-                         run_dir / "last.pt")
-    runs.write_history(run_dir, history)
-    runs.write_neurons(run_dir, neurons)
-    if tb is not None:
-        _log_tensorboard(tb, row, neurons)
+        t.best = {"val_acc": row["val_acc"], "epoch": row["epoch"]}
+    if not t.world.main:
+        return
+    cfg_dict, digest = dataclasses.asdict(t.cfg), t.splits.digest
+    if improved:
+        runs.save_checkpoint({"model": _plain(t.evaluated.state_dict()), "config": cfg_dict, "epoch": row["epoch"],
+                              "val_acc": row["val_acc"], "data": digest}, t.run_dir / "best.pt")
+    ema = t.step.ema
+    runs.save_checkpoint({"model": t.model.state_dict(), "optimizer": t.step.optimizer.state_dict(),
+                          "scheduler": t.schedule.state_dict() if t.schedule is not None else {},
+                          "config": cfg_dict, "epoch": row["epoch"], "history": t.history, "best": t.best,
+                          "data": digest, **({"ema": ema.state_dict()} if ema is not None else {}),
+                          "threads": torch.get_num_threads() if t.device.type == "cpu" else 0,
+                          "world_size": t.world.size,
+                          "neurons": {str(k): torch.stack(v) for k, v in t.neurons.items()}},
+                         t.run_dir / "last.pt")
+    runs.write_history(t.run_dir, t.history)
+    runs.write_neurons(t.run_dir, t.neurons)
+    if t.tb is not None:
+        _log_tensorboard(t.tb, row, t.neurons)
 
 
-def _finish(cfg, run_dir, final_model, splits, device, test, best, history, train_loader, t_start, command, bf16,
-            world) -> Run:
+def finish(t: Training, test: bool, command: str, started: float) -> Run:
     """The test split, once, with the weights chosen on validation; summary.json; the figures."""
-    best_state = distributed.on_main(lambda: runs.load_checkpoint(run_dir / "best.pt")["model"], world)
-    model = runs.load_state(runs.build_model(cfg).to(device), best_state, run_dir / "best.pt")
-    if cfg.channels_last:  # tested as it was validated (fmnist evaluate does the same)
-        model = model.to(memory_format=torch.channels_last)
-    test_figures: dict[str, Any] = {}
-    test_probs = None
+    cfg, world = t.cfg, t.world
+    best_state = distributed.on_main(lambda: runs.load_checkpoint(t.run_dir / "best.pt")["model"], world)
+    best = runs.load_state(runs.build_model(cfg).to(t.device), best_state, t.run_dir / "best.pt")
+    figures: dict[str, Any] = {}
+    scores = None
     if test:
-        test_part = _part(splits.test, 2048 if cfg.dry_run else None, world)
-        test_loss, test_acc, test_probs = evaluate(model, data.BatchLoader(*test_part, 1024, device=device),
-                                                   return_predictions=True, tta=cfg.tta, bf16=bf16, world=world)
-        test_figures = dict(test_accuracy=test_acc, test_loss=test_loss)
-    images_per_epoch = min(len(splits.train[1]), len(train_loader) * cfg.batch_size)  # fewer in a dry run
+        split = t.splits.test if not cfg.dry_run else tuple(s[:2048] for s in t.splits.test)
+        scores = evaluate.scores(best, cfg, split, t.device, world, probabilities=True)
+        figures = dict(test_accuracy=scores.accuracy, test_loss=scores.loss)
+    history = t.history
+    images_per_epoch = min(len(t.splits.train[1]), len(t.train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
-        **test_figures, best_val_accuracy=best["val_acc"],
-        best_epoch=best["epoch"], epochs=len(history),
-        wall_seconds=round(time.perf_counter() - t_start, 2),
+        **figures, best_val_accuracy=t.best["val_acc"], best_epoch=t.best["epoch"], epochs=len(history),
+        wall_seconds=round(time.perf_counter() - started, 2),
         train_samples_per_second=round(len(history) * images_per_epoch
                                        / max(sum(r["seconds"] for r in history), 1e-9)),
-        parameters=models.count_parameters(model), macs_per_image=models.macs_per_image(model),
-        device=str(device), threads=torch.get_num_threads(),
-        precision="bf16" if bf16 else "fp32",
+        parameters=models.count_parameters(best), macs_per_image=models.macs_per_image(best),
+        device=str(t.device), threads=torch.get_num_threads(), precision="bf16" if t.step.bf16 else "fp32",
         world_size=world.size, backend=world.backend or "none", global_batch=cfg.batch_size,
         batch_per_process=cfg.batch_size // world.size,
         torch_version=torch.__version__, seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
     )
     if world.main:
-        runs.write_summary(run_dir, summary)
-        if cfg.plots and test:
+        runs.write_summary(t.run_dir, summary)
+        if cfg.plots and scores is not None:
             from . import report
 
-            report.draw(run_dir, splits=splits, test_probs=test_probs, final_model=final_model)
-    return Run(run_dir, summary, history)
+            report.draw(t.run_dir, splits=t.splits, scores=scores, final_model=t.model)
+    return Run(t.run_dir, summary, history)
 
 
 def _compiled(model: nn.Module) -> nn.Module:

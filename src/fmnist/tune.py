@@ -20,7 +20,7 @@ Optuna's RetryFailedTrialCallback does), and the worker that takes it up
 continues the run from that trial's last.pt instead of starting over.
 
 Workers on one machine share its cores: each trial takes its share of them
-(see distributed.cpu_share), or `--threads N`.
+(see devices.cpu_share), or `--threads N`.
 """
 
 from __future__ import annotations
