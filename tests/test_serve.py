@@ -1,21 +1,19 @@
-"""fmnist serve: a real uvicorn server in a subprocess, every endpoint and every bad input over HTTP, and the page
-in a real browser (Debian's Chromium driven by Playwright)."""
+"""fmnist serve: a real uvicorn server in a subprocess, every endpoint and every bad input over HTTP; the app's
+dependencies replaced in-process. The page in a real browser is tested in test_page.py."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -76,8 +74,9 @@ def test_health_model_history_neurons_docs_and_page(client, trained_run):
     assert len(five["frames"]) == 4 and five["labels"][0] == "epoch 0"  # epoch 0 and after each epoch
     assert np.isclose(five["scale"], np.abs(five["frames"]).max())
     six = client.get("/neurons/6").json()
-    assert len(six["frames"]) == 1 and "best.pt" in six["labels"][0]
-    assert client.get("/neurons/33").status_code == 404 and client.get("/neurons/0").status_code == 422
+    assert len(six["frames"]) == 1 and six["labels"][0].startswith("final weights only (best.pt, epoch")
+    assert client.get("/neurons/33").json()["detail"] == "the first layer has neurons 1 to 32"
+    assert client.get("/neurons/0").status_code == 422
     assert "/predict" in client.get("/openapi.json").json()["paths"] and client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and 'id="draw"' in page.text
@@ -146,6 +145,43 @@ def test_wrong_fields_and_queries_are_422(client):
     assert client.post("/predict", files={"file": ("a.png", _png(x[0]))}, params={"top_k": 11}).status_code == 422
     assert client.post("/predict", files={"file": ("a.png", _png(x[0]))}, params={"top_k": 0}).status_code == 422
     assert client.post("/predict").status_code == 422
+
+
+def test_limits_are_what_the_api_enforces(client):
+    """The page reads its limits from GET /limits: they must be the ones the API holds to."""
+    x, _ = synthetic(1, 28)
+    limits = client.get("/limits").json()
+    assert limits["max_body_bytes"] == LIMIT_MB * 2**20
+    top = limits["top_k"]
+    for k, status in ((top["min"] - 1, 422), (top["min"], 200), (top["max"], 200), (top["max"] + 1, 422)):
+        r = client.post("/predict", files={"file": ("a.png", _png(x[0]))}, params={"top_k": k})
+        assert r.status_code == status, k
+    assert len(client.post("/predict", files={"file": ("a.png", _png(x[0]))}).json()["top"]) == top["default"]
+    big = b"\0" * (limits["max_body_bytes"] + 1)
+    assert client.post("/predict", files={"file": ("big.png", big)}).status_code == 413
+
+
+def test_routes_take_what_the_dependencies_give_them(trained_run):
+    """The run the lifespan loaded reaches the routes through a dependency, so a test can serve another one:
+    here the same run as if it had tracked no neuron."""
+    app = serve.create_app(trained_run)
+
+    async def go():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://app") as c:  # the run is loaded here, once
+            served = app.state.served
+            before = (await c.get("/neurons")).json()
+            app.dependency_overrides[serve.get_served] = lambda: dataclasses.replace(served, tracked={})
+            after, five = (await c.get("/neurons")).json(), (await c.get("/neurons/5")).json()
+            app.dependency_overrides.clear()
+            return served, before, after, five, (await c.get("/neurons/5")).json()
+
+    served, before, after, five, tracked_five = asyncio.run(go())
+    assert before["tracked"] == [5] and before["default"] == 5
+    assert after["tracked"] == [] and after["epochs"] == 0 and after["default"] == 1  # 32 neurons: no 50 to open at
+    assert not five["tracked"] and five["labels"][0].startswith("final weights only")
+    np.testing.assert_allclose(five["frames"], served.pictures[4:5], atol=1e-6)  # best.pt's weights
+    assert tracked_five["tracked"] and len(tracked_five["frames"]) == 4
 
 
 def _raw_request(server: str, head: str, body_parts=(), pause: float = 0.0) -> tuple[bytes, float]:
@@ -258,73 +294,3 @@ def test_serve_errors_are_one_sentence(trained_run, tmp_path, capsys):
             assert cli.main(["serve", *argv]) == 2  # before any server starts
             err = capsys.readouterr().err
             assert err.startswith("fmnist: error: ") and words in err and len(err.splitlines()) == 1, err
-
-
-# ---------------------------------------------------------------- the page, in a real browser
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        if os.environ.get("FMNIST_REQUIRE_BROWSER"):
-            pytest.fail("FMNIST_REQUIRE_BROWSER is set but Chromium is not installed (apt-get install chromium)")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
-
-
-@pytest.mark.slow
-def test_the_page_classifies_an_upload_and_a_drawing_and_shows_neurons(browser, server, client, tmp_path):
-    x, _ = synthetic(1, 27)
-    upload = tmp_path / "shirt.png"
-    upload.write_bytes(_png(x[0]))
-    expected = client.post("/predict", files={"file": ("shirt.png", upload.read_bytes())}).json()["label"]
-    page = browser.new_page(viewport={"width": 1000, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("requestfailed", lambda r: errors.append(r.url))
-    page.goto(server + "/")
-
-    with page.expect_response(lambda r: "/predict?" in r.url):
-        page.set_input_files("#file-input", str(upload))
-    page.wait_for_function("document.querySelector('#result-label').textContent !== '–'")
-    assert page.text_content("#result-label") == expected
-    assert page.get_attribute("#input-img", "src").startswith("data:image/png;base64,")
-    assert page.locator("#bars .barrow").count() == 5
-
-    box = page.locator("#draw").bounding_box()
-    with page.expect_response(lambda r: "/predict/pixels" in r.url) as drawn:
-        page.mouse.move(box["x"] + 60, box["y"] + 40)
-        page.mouse.down()
-        for i in range(20):
-            page.mouse.move(box["x"] + 60 + 8 * i, box["y"] + 40 + 10 * i)
-        page.mouse.up()
-    rec = drawn.value.json()
-    assert drawn.value.status == 200 and rec["preprocess"] == "dataset"
-    page.wait_for_function(f"document.querySelector('#result-label').textContent === {rec['label']!r}")
-    page.screenshot(path=str(tmp_path / "classify.png"))
-
-    page.click("#tab-explore")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
-    assert page.input_value("#neuron-input") == "5"  # the tracked neuron, at its last epoch
-    last = page.evaluate("document.querySelector('#neuron-canvas').toDataURL()")
-    page.fill("#epoch-slider", "0")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 0'")
-    first = page.evaluate("document.querySelector('#neuron-canvas').toDataURL()")
-    assert first != last  # the picture changed with the epoch
-    page.fill("#neuron-input", "6")
-    page.dispatch_event("#neuron-input", "change")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent.startsWith('best.pt')")
-    assert page.is_disabled("#epoch-slider")  # an untracked neuron: its final weights only
-    assert page.locator("#facts dt").count() == 5
-    page.screenshot(path=str(tmp_path / "explore.png"))
-    assert not errors, errors
-    page.close()

@@ -305,9 +305,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import predict
+    from . import export
 
-    r = predict.export(args.run, args.format, args.data_dir)
+    r = export.export(args.run, args.format, args.data_dir)
     if args.json:
         _print_json(r)
         return 0
@@ -320,47 +320,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import socket
-
     try:
-        import uvicorn
-
         from . import serve
     except ImportError as e:
         raise ConfigError(f"fmnist serve needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'fmnist[serve]'.") from None
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port {args.port} is not a port: choose 0 to 65535 (0: any free port).")
-    if args.max_body_mb <= 0:
-        raise ConfigError(f"--max-body-mb {args.max_body_mb} must be more than 0.")
-    app = serve.create_app(args.run, max_body=int(args.max_body_mb * 2**20), device=args.device)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    try:  # bound here, so that a port in use is one sentence and --port 0 can say which port it got
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot listen on {args.host} port {args.port}: {e.strerror or e}; "
-                          "choose another --port or --host.") from None
-    except UnicodeError:
-        sock.close()
-        raise ConfigError(f"--host {args.host} is not a host name or address.") from None
-    import gc
-
-    import torch
-
-    # One thread for the model: the batches are small, and a second thread only fights the event loop for the
-    # other core (on the 2-core VM: 750 requests/s against 620, p99 130 ms against 160, with wrk at 32 clients).
-    torch.set_num_threads(1)
-    gc.collect()
-    # The model, torch and FastAPI are loaded for good: later collections need not walk them again
-    # (with wrk at 32 clients on the 2-core VM, p99 latency 62 ms against 174 ms without).
-    gc.freeze()
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"fmnist: serving {args.run} at http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=not args.quiet)
-    uvicorn.Server(config).run(sockets=[sock])
+    serve.serve(args.run, args.host, args.port, max_body=int(args.max_body_mb * 2**20), device=args.device,
+                quiet=args.quiet, ready=lambda line: print(f"fmnist: {line}", flush=True))
     return 0
 
 
@@ -553,7 +519,7 @@ def _preload(args: argparse.Namespace) -> None:
             return
     import torch  # noqa: F401
 
-    from . import data, distributed, evaluate, models, runs, train  # noqa: F401
+    from . import data, devices, distributed, evaluate, models, runs, train  # noqa: F401
 
     if args.command == "tune":
         import optuna  # noqa: F401

@@ -1,73 +1,165 @@
 // fmnist's page: classify a photo or a drawing, explore the run's curves and first-layer neurons.
-// Plain JavaScript, no build step, nothing fetched from anywhere but this server.
+// Plain JavaScript, no build step, nothing fetched from anywhere but this server. Every URL is relative, so the
+// page works behind a path prefix; limits and defaults (classes per answer, body size, neurons) come from the API.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const TOP_K = 5;
+const BARS = 5;  // the page shows the five likeliest classes (fewer if the API allows fewer)
+const RETRY_MS = 2000;  // how soon the page asks again a server that stopped answering
 
-// ------------------------------------------------------------------ tabs
+// ------------------------------------------------------------------ talking to the server
 
-for (const tab of document.querySelectorAll(".tab")) {
-  tab.addEventListener("click", () => {
-    for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
-    for (const p of document.querySelectorAll(".panel")) p.classList.toggle("active", p.id === tab.dataset.panel);
-    if (tab.dataset.panel === "explore") loadExplore();
-  });
+class ServerDown extends Error {}
+
+// The JSON answer of one request; otherwise an Error whose message is a sentence for the page.
+async function api(url, options) {
+  let response;
+  try {
+    response = await fetch(url, options);
+  } catch (err) {
+    throw new ServerDown("The server is not answering: it may have stopped, or the network is down.");
+  }
+  const text = await response.text();
+  let body;
+  try { body = JSON.parse(text); } catch (err) { body = { detail: text }; }  // a 413 is plain text
+  if (!response.ok) {
+    const d = body.detail;
+    const detail = typeof d === "string" ? d : Array.isArray(d) ? d.map((e) => e.msg).join("; ") : response.statusText;
+    throw new Error(`The server could not do it (${response.status}): ${detail}.`.replace(/\.\.$/, "."));
+  }
+  return body;
 }
 
-// ------------------------------------------------------------------ results
+let limits = null;  // GET limits: body size, classes per answer
+async function getLimits() {
+  if (!limits) limits = await api("limits");
+  return limits;
+}
+
+// ------------------------------------------------------------------ tabs (arrow keys, Home and End move between them)
+
+const tabs = [...document.querySelectorAll('[role="tab"]')];
+
+function select(tab, focus) {
+  for (const t of tabs) {
+    const on = t === tab;
+    t.setAttribute("aria-selected", String(on));
+    t.tabIndex = on ? 0 : -1;
+    document.getElementById(t.getAttribute("aria-controls")).hidden = !on;
+  }
+  if (focus) tab.focus();
+  if (tab.id === "tab-explore") { loadExplore(); redrawExplore(); }  // a hidden canvas has no size to draw at
+}
+
+tabs.forEach((tab, i) => {
+  tab.addEventListener("click", () => select(tab, false));
+  tab.addEventListener("keydown", (e) => {
+    const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[e.key];
+    if (to === undefined) return;
+    e.preventDefault();
+    select(tabs[(to + tabs.length) % tabs.length], true);
+  });
+});
+
+// ------------------------------------------------------------------ canvases: CSS size, times devicePixelRatio
+
+// Size the canvas's backing store to its CSS box on this screen; a context that draws in CSS pixels.
+function fit(canvas) {
+  const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  const c = canvas.getContext("2d");
+  c.setTransform(dpr, 0, 0, dpr, 0, 0);
+  return [c, w, h];
+}
+
+// ------------------------------------------------------------------ results: one at a time, never a stale one
+
+let asked = 0;  // the latest classification asked for: an older answer that arrives late is dropped
+
+function setResult(state, label, prob) {
+  $("#result").dataset.state = state;
+  $("#result-label").textContent = label;
+  $("#result-prob").textContent = prob;
+}
+
+function resetResult() {
+  setResult("empty", "–", "nothing classified yet");
+  $("#bars").replaceChildren();
+  $("#input-img").hidden = true;
+  $("#input-img").removeAttribute("src");
+  $("#input-empty").hidden = false;
+  $("#input-note").textContent = "The 28x28 image the model classified appears here.";
+  $("#error").hidden = true;
+}
 
 function showResult(rec) {
   $("#error").hidden = true;
-  $("#result-label").textContent = rec.label;
-  $("#result-prob").textContent = `${(rec.probability * 100).toFixed(1)} %`;
+  const pct = (p) => `${(p * 100).toFixed(1)} %`;
+  setResult("done", rec.label, pct(rec.probability));
   $("#input-img").src = rec.input;
+  $("#input-img").hidden = false;
+  $("#input-empty").hidden = true;
   $("#input-note").textContent = `The 28x28 image the model classified (${rec.preprocess} preprocessing).`;
   const bars = $("#bars");
+  bars.classList.remove("stale");
   bars.replaceChildren();
   for (const t of rec.top) {
     const row = document.createElement("div");
     row.className = "barrow";
-    row.innerHTML = `<span></span><span class="track"><span class="fill"></span></span><span class="p"></span>`;
+    row.innerHTML = `<span></span><span class="track" aria-hidden="true"><span class="fill"></span></span>` +
+      `<span class="p"></span>`;
     row.children[0].textContent = t.label;
     row.querySelector(".fill").style.width = `${(t.probability * 100).toFixed(1)}%`;
-    row.children[2].textContent = `${(t.probability * 100).toFixed(1)} %`;
+    row.children[2].textContent = pct(t.probability);
     bars.appendChild(row);
   }
 }
 
-function showError(text) {
-  $("#error").textContent = text;
-  $("#error").hidden = false;
-}
-
-async function send(url, options) {
+async function classify(url, options) {
+  const ask = ++asked;
+  $("#error").hidden = true;
+  setResult("waiting", "classifying…", "");
+  $("#bars").classList.add("stale");  // the previous answer stays in grey until this one comes
   try {
-    const response = await fetch(url, options);
-    const text = await response.text();
-    let body = null;
-    try { body = JSON.parse(text); } catch (err) { body = { detail: text }; }  // a 413 is plain text
-    if (!response.ok) {
-      const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-      showError(`${response.status}: ${detail}`);
-      return;
-    }
-    showResult(body);
+    const { top_k } = await getLimits();
+    const rec = await api(`${url}?top_k=${Math.min(BARS, top_k.max)}&input=true`, options);
+    if (ask === asked) showResult(rec);
   } catch (err) {
-    showError(`the server did not answer (${err})`);
+    if (ask !== asked) return;
+    resetResult();
+    setResult("failed", "–", "no answer");
+    $("#error").textContent = err.message;
+    $("#error").hidden = false;
   }
 }
 
-// ------------------------------------------------------------------ a file: chosen or dropped
+// ------------------------------------------------------------------ a file: chosen (button or keyboard) or dropped
 
-function classifyFile(file) {
+async function classifyFile(file) {
+  let most = null;
+  try { most = (await getLimits()).max_body_bytes; } catch (err) { /* classify says why */ }
+  if (most !== null && file.size > most) {
+    const mib = (n) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+    ++asked;
+    resetResult();
+    setResult("failed", "–", "not sent");
+    $("#error").textContent = `${file.name} is ${mib(file.size)}; this server takes files up to ${mib(most)}.`;
+    $("#error").hidden = false;
+    return;
+  }
   const form = new FormData();
   form.append("file", file, file.name);
-  send(`/predict?top_k=${TOP_K}&input=true`, { method: "POST", body: form });
+  classify("predict", { method: "POST", body: form });
 }
 
-$("#file-input").addEventListener("change", (e) => { if (e.target.files[0]) classifyFile(e.target.files[0]); });
+const fileInput = $("#file-input");
 const drop = $("#drop");
+drop.addEventListener("click", () => fileInput.click());  // a button: Enter and Space click it too
+fileInput.addEventListener("change", () => {
+  if (fileInput.files[0]) classifyFile(fileInput.files[0]);
+  fileInput.value = "";  // the same file chosen again is classified again
+});
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
@@ -79,33 +171,51 @@ drop.addEventListener("drop", (e) => {
 // ------------------------------------------------------------------ drawing: mouse, pen or finger
 
 const pad = $("#draw");
-const ink = pad.getContext("2d");
+let ink = null;
+let last = null;
+
+function fitPad() {  // on a screen with 2 device pixels per CSS pixel the pad holds twice the pixels each way
+  const old = pad.width ? pad : null;
+  const copy = old && document.createElement("canvas");
+  if (copy) { copy.width = pad.width; copy.height = pad.height; copy.getContext("2d").drawImage(pad, 0, 0); }
+  const dpr = window.devicePixelRatio || 1;
+  pad.width = Math.round(pad.clientWidth * dpr);
+  pad.height = Math.round(pad.clientHeight * dpr);
+  ink = pad.getContext("2d");
+  ink.fillStyle = "#000";
+  ink.fillRect(0, 0, pad.width, pad.height);
+  if (copy) ink.drawImage(copy, 0, 0, pad.width, pad.height);
+}
+
 function clearPad() {
   ink.fillStyle = "#000";
   ink.fillRect(0, 0, pad.width, pad.height);
 }
-clearPad();
-let last = null;
 
-function point(e) {
+function point(e) {  // in the pad's own pixels
   const r = pad.getBoundingClientRect();
   return [(e.clientX - r.left) * pad.width / r.width, (e.clientY - r.top) * pad.height / r.height];
 }
-pad.addEventListener("pointerdown", (e) => { pad.setPointerCapture(e.pointerId); last = point(e); stroke(last); });
-pad.addEventListener("pointermove", (e) => { if (last) { const p = point(e); stroke(p); last = p; } });
-pad.addEventListener("pointerup", () => { last = null; classifyDrawing(); });
-pad.addEventListener("pointercancel", () => { last = null; });
-$("#clear").addEventListener("click", clearPad);
 
 function stroke(p) {
   ink.strokeStyle = "#fff";
-  ink.lineWidth = 18;
+  ink.lineWidth = pad.width * 18 / 280;  // 18 of 280 pixels: as thick, once scaled to 28, as the dataset's lines
   ink.lineCap = ink.lineJoin = "round";
   ink.beginPath();
   ink.moveTo(last[0], last[1]);
   ink.lineTo(p[0], p[1]);
   ink.stroke();
 }
+
+pad.addEventListener("pointerdown", (e) => { pad.setPointerCapture(e.pointerId); last = point(e); stroke(last); });
+pad.addEventListener("pointermove", (e) => { if (last) { const p = point(e); stroke(p); last = p; } });
+pad.addEventListener("pointerup", () => { last = null; classifyDrawing(); });
+pad.addEventListener("pointercancel", () => { last = null; });
+$("#clear").addEventListener("click", () => {
+  clearPad();
+  ++asked;  // an answer still on its way is for a drawing that is gone
+  resetResult();
+});
 
 // As the dataset: the drawing's bounding box scaled so that its longest edge fills 28 pixels, centred.
 function classifyDrawing() {
@@ -132,62 +242,105 @@ function classifyDrawing() {
   const px = sctx.getImageData(0, 0, 28, 28).data;
   const pixels = [];
   for (let y = 0; y < 28; y++) pixels.push(Array.from({ length: 28 }, (_, x) => px[(y * 28 + x) * 4]));
-  send(`/predict/pixels?top_k=${TOP_K}&input=true`, {
+  classify("predict/pixels", {
     method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ pixels }),
   });
 }
 
 // ------------------------------------------------------------------ explore: facts, curves, neurons
 
-let explored = false;
-let neuronInfo = null;
-let neuron = null;  // {neuron, labels, scale, frames}
+let explore = "idle";  // "idle" (not loaded, or failed), "loading", "done"
+let retry = null;
+let history = null;
+let neuronInfo = null;  // GET neurons: count, shape, tracked, default
 
 async function loadExplore() {
-  if (explored) return;
-  explored = true;
-  const [model, history, neurons] = await Promise.all(
-    ["/model", "/history", "/neurons"].map((u) => fetch(u).then((r) => (r.ok ? r.json() : null))));
-  if (model) {
-    const pct = (v) => (v == null ? "–" : `${(v * 100).toFixed(2)} %`);
-    const facts = [["model", model.model], ["parameters", model.parameters.toLocaleString("en")],
-      ["best epoch", model.epoch], ["validation accuracy", pct(model.validation_accuracy)],
-      ["test accuracy", pct(model.test_accuracy)]];
-    $("#facts").innerHTML = facts.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("");
-  }
-  if (history) {
-    chart($("#loss-chart"), history, "train_loss", "val_loss");
-    chart($("#acc-chart"), history, "train_acc", "val_acc");
-  }
-  if (neurons) {
+  if (explore !== "idle") return;
+  explore = "loading";
+  clearTimeout(retry);
+  say("Loading the run…");
+  try {
+    const [model, neurons] = await Promise.all([api("model"), api("neurons")]);
+    let note = "";
+    try {
+      history = await api("history");
+    } catch (err) {
+      if (err instanceof ServerDown) throw err;
+      history = null;
+      note = err.message;  // a run without history.jsonl: the rest still works
+    }
+    showFacts(model);
+    $("#history-note").textContent = note;
+    $("#history-note").hidden = !note;
+    drawCharts();
     neuronInfo = neurons;
     const input = $("#neuron-input");
-    input.max = neurons.count;
-    input.value = neurons.default;
     $("#neuron-count").textContent = `of ${neurons.count}` +
       (neurons.tracked.length ? `; every epoch for ${neurons.tracked.join(", ")}` : "");
-    await loadNeuron(neurons.default);
+    input.value = String(neurons.default);
+    loadNeuron(neurons.default);
+    explore = "done";
+    say("");
+  } catch (err) {
+    explore = "idle";
+    if (err instanceof ServerDown) {
+      say(`${err.message} Trying again every ${RETRY_MS / 1000} seconds.`);
+      retry = setTimeout(loadExplore, RETRY_MS);
+    } else {
+      say(err.message);
+    }
   }
 }
 
-function chart(canvas, rows, a, b) {
-  const c = canvas.getContext("2d");
-  const W = canvas.width, H = canvas.height, L = 44, R = 10, T = 10, B = 24;
+function say(text) {  // Explore's own status line: loading, or why nothing is shown
+  $("#explore-status").textContent = text;
+  $("#explore-status").hidden = !text;
+}
+
+function showFacts(model) {
+  const pct = (v) => (v == null ? "–" : `${(v * 100).toFixed(2)} %`);
+  const facts = [["model", model.model], ["parameters", model.parameters.toLocaleString("en")],
+    ["best epoch", model.epoch], ["validation accuracy", pct(model.validation_accuracy)],
+    ["test accuracy", pct(model.test_accuracy)]];
+  const dl = $("#facts");
+  dl.replaceChildren();
+  for (const [k, v] of facts) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+function drawCharts() {
+  if (!history || !history.length || $("#explore").hidden) return;
+  const n = (v) => v.toFixed(3), pct = (v) => `${(v * 100).toFixed(1)} %`;
+  chart($("#loss-chart"), "Loss", history, "train_loss", "val_loss", n);
+  chart($("#acc-chart"), "Accuracy", history, "train_acc", "val_acc", pct);
+}
+
+function chart(canvas, title, rows, a, b, show) {
+  const [c, W, H] = fit(canvas);
+  const L = 44, R = 10, T = 10, B = 24;
   const values = rows.flatMap((r) => [r[a], r[b]]);
   const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
   const x = (i) => L + (W - L - R) * (rows.length > 1 ? i / (rows.length - 1) : 0.5);
   const y = (v) => T + (H - T - B) * (1 - (v - lo) / span);
   c.clearRect(0, 0, W, H);
   c.font = "11px system-ui, sans-serif";
-  c.fillStyle = "#667";
+  c.fillStyle = "#5a5f6b";
   c.strokeStyle = "#dde";
+  c.lineWidth = 1;
   for (let k = 0; k <= 4; k++) {
     const v = lo + span * k / 4;
     c.beginPath(); c.moveTo(L, y(v)); c.lineTo(W - R, y(v)); c.stroke();
     c.fillText(v.toFixed(3), 2, y(v) + 4);
   }
-  c.fillText(`epoch ${rows[0].epoch}`, L, H - 6);
-  c.fillText(`${rows[rows.length - 1].epoch}`, W - R - 14, H - 6);
+  const first = rows[0].epoch, end = rows[rows.length - 1].epoch;
+  c.fillText(`epoch ${first}`, L, H - 6);
+  c.textAlign = "right";
+  c.fillText(`${end}`, W - R, H - 6);
+  c.textAlign = "left";
   for (const [key, colour] of [[a, "#3465a4"], [b, "#cc5a00"]]) {
     c.strokeStyle = colour;
     c.lineWidth = 2;
@@ -195,8 +348,12 @@ function chart(canvas, rows, a, b) {
     rows.forEach((r, i) => (i ? c.lineTo(x(i), y(r[key])) : c.moveTo(x(i), y(r[key]))));
     c.stroke();
   }
-  c.lineWidth = 1;
+  const at = (key) => `${show(rows[0][key])} to ${show(rows[rows.length - 1][key])}`;
+  canvas.setAttribute("aria-label", `${title} by epoch, ${first} to ${end}: training ${at(a)}, ` +
+    `validation ${at(b)}.`);
 }
+
+// ------------------------------------------------------------------ a neuron: the number and picture always agree
 
 // matplotlib's RdBu_r: blue for negative weights, white for 0, red for positive
 const RDBU = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d",
@@ -207,38 +364,104 @@ function colour(t) {  // t in [0, 1]
   return RDBU[i].map((v, k) => Math.round(v + (RDBU[i + 1][k] - v) * f));
 }
 
+let neuron = null;  // GET neurons/k: {neuron, tracked, labels, scale, frames}, or null while none is shown
+let neuronAsked = 0;  // the latest neuron asked for: an older answer that arrives late is dropped
+
+function neuronProblem(text) {  // why the field names no neuron, or null
+  const n = neuronInfo.count, t = text.trim();
+  if (!/^[+-]?\d+$/.test(t)) {
+    return t ? `“${t}” is not a whole number: enter a neuron from 1 to ${n}.` : `Enter a neuron from 1 to ${n}.`;
+  }
+  const k = Number(t);
+  return k >= 1 && k <= n ? null : `There is no neuron ${k}: the first layer has neurons 1 to ${n}.`;
+}
+
+function showNeuron(shown, label, message) {  // the picture of `shown`, or none, with a label and a message
+  neuron = shown;
+  $("#neuron-figure").hidden = !shown;
+  $("#epoch-label").textContent = label;
+  const m = $("#neuron-message");
+  m.textContent = message || "";
+  m.hidden = !message;
+  $("#neuron-input").setAttribute("aria-invalid", String(Boolean(message)));
+}
+
 async function loadNeuron(k) {
-  const r = await fetch(`/neurons/${k}`);
-  if (!r.ok) { $("#epoch-label").textContent = (await r.json()).detail; return; }
-  neuron = await r.json();
-  const slider = $("#epoch-slider");
-  slider.max = neuron.frames.length - 1;
-  slider.value = neuron.frames.length - 1;
-  slider.disabled = neuron.frames.length === 1;
-  $("#scale-low").textContent = (-neuron.scale).toFixed(3);
-  $("#scale-high").textContent = neuron.scale.toFixed(3);
-  drawNeuron(neuron.frames.length - 1);
+  const ask = ++neuronAsked;
+  showNeuron(null, `loading neuron ${k}…`, "");
+  try {
+    const answer = await api(`neurons/${k}`);
+    if (ask !== neuronAsked) return;
+    showNeuron(answer, "", "");
+    const slider = $("#epoch-slider");
+    slider.max = answer.frames.length - 1;
+    slider.value = answer.frames.length - 1;
+    $("#slider-row").hidden = answer.frames.length === 1;  // final weights only: nothing to scrub through
+    $("#scale-low").textContent = (-answer.scale).toFixed(3);
+    $("#scale-high").textContent = answer.scale.toFixed(3);
+    drawNeuron(answer.frames.length - 1);
+  } catch (err) {
+    if (ask !== neuronAsked) return;
+    showNeuron(null, "", err.message);
+    if (err instanceof ServerDown) setTimeout(() => { if (ask === neuronAsked) loadNeuron(k); }, RETRY_MS);
+  }
 }
 
 function drawNeuron(e) {
   const frame = neuron.frames[e], h = frame.length, w = frame[0].length;
-  const canvas = $("#neuron-canvas");
-  canvas.width = w;
-  canvas.height = h;
-  const c = canvas.getContext("2d");
-  const img = c.createImageData(w, h);
+  const small = document.createElement("canvas");
+  small.width = w;
+  small.height = h;
+  const img = small.getContext("2d").createImageData(w, h);
   frame.flat().forEach((v, i) => {
     const [r, g, b] = colour(0.5 + v / (2 * neuron.scale));
     img.data.set([r, g, b, 255], i * 4);
   });
-  c.putImageData(img, 0, 0);
-  $("#epoch-label").textContent = neuron.labels[e];
+  small.getContext("2d").putImageData(img, 0, 0);
+  const canvas = $("#neuron-canvas");
+  const [c, cw, ch] = fit(canvas);
+  c.imageSmoothingEnabled = false;  // each weight one sharp square
+  c.drawImage(small, 0, 0, cw, ch);
+  canvas.dataset.neuron = String(neuron.neuron);
+  const label = neuron.labels[e];
+  $("#epoch-label").textContent = label;
+  $("#epoch-slider").setAttribute("aria-valuetext", label);
+  canvas.setAttribute("aria-label", `Neuron ${neuron.neuron}, ${label}: its ${w * h} incoming weights as a ` +
+    `${w}x${h} picture, from ${(-neuron.scale).toFixed(3)} (blue) to ${neuron.scale.toFixed(3)} (red).`);
 }
 
-$("#epoch-slider").addEventListener("input", (e) => drawNeuron(Number(e.target.value)));
-$("#neuron-input").addEventListener("change", (e) => {
-  const k = Number(e.target.value);
-  if (neuronInfo && k >= 1 && k <= neuronInfo.count) loadNeuron(k);
+function redrawExplore() {
+  drawCharts();
+  if (neuron && !$("#explore").hidden) drawNeuron(Number($("#epoch-slider").value));
+}
+
+let typing = null;
+$("#epoch-slider").addEventListener("input", (e) => { if (neuron) drawNeuron(Number(e.target.value)); });
+$("#neuron-input").addEventListener("input", (e) => {
+  if (!neuronInfo) return;
+  clearTimeout(typing);
+  ++neuronAsked;  // whatever was on its way is for another number
+  const problem = neuronProblem(e.target.value);
+  if (problem) { showNeuron(null, "", problem); return; }
+  showNeuron(null, `neuron ${Number(e.target.value.trim())}…`, "");
+  typing = setTimeout(() => loadNeuron(Number(e.target.value.trim())), 250);  // once the typing pauses
+});
+$("#neuron-input").addEventListener("keydown", (e) => {
+  if (e.key !== "Enter" || !neuronInfo || neuronProblem(e.target.value)) return;
+  clearTimeout(typing);
+  loadNeuron(Number(e.target.value.trim()));
 });
 
-fetch("/health").then((r) => r.json()).then((h) => { $("#model-name").textContent = `${h.model} (${h.backend})`; });
+// ------------------------------------------------------------------ start
+
+let width = window.innerWidth;
+window.addEventListener("resize", () => {  // a phone turned, a window resized: redraw at the new size
+  if (window.innerWidth === width) return;  // a phone's address bar sliding away changes only the height
+  width = window.innerWidth;
+  fitPad();
+  redrawExplore();
+});
+
+fitPad();
+api("health").then((h) => { $("#model-name").textContent = `${h.model} (${h.backend})`; }).catch(() => {});
+getLimits().catch(() => {});  // asked again when a classification needs them

@@ -1,0 +1,391 @@
+"""The page of `fmnist serve` in a real browser (Debian's Chromium driven by Playwright): keyboard only, on a
+phone, behind a path prefix, with a slow, failing or stopped server.
+
+The app runs in this process under uvicorn (`create_app` on a port of its own), so that a test can hold or break
+its model through `app.dependency_overrides`, and stop the server and start it again on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import synthetic
+from PIL import Image
+
+from fmnist import serve
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PHONE = {"viewport": {"width": 390, "height": 844}, "has_touch": True, "is_mobile": True, "device_scale_factor": 2}
+DONE = "document.querySelector('#result').dataset.state === 'done'"
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+class Live:
+    """`create_app(run_dir)` under uvicorn in a thread of this process, on one port across stops and starts;
+    with `prefix`, mounted below that path as a reverse proxy would serve it."""
+
+    def __init__(self, run_dir: Path, prefix: str = ""):
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        self.uvicorn, self.app, self.port = uvicorn, serve.create_app(run_dir, max_body=2**20), 0
+        self.asgi = self.app if not prefix else Starlette(
+            routes=[Mount(prefix, app=self.app)], lifespan=lambda _: self.app.router.lifespan_context(self.app))
+        self.prefix = prefix
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
+
+    def start(self) -> Live:
+        sock = serve.listen("127.0.0.1", self.port)
+        self.port = sock.getsockname()[1]
+        self.server = self.uvicorn.Server(self.uvicorn.Config(self.asgi, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("the server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("FMNIST_REQUIRE_BROWSER"):
+            pytest.fail("FMNIST_REQUIRE_BROWSER is set but Chromium is not installed (apt-get install chromium)")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def live(trained_run):
+    server = Live(trained_run).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page(browser, live):
+    """A desktop-sized page; fails the test on any script error (an uncaught promise rejection is one)."""
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    p = context.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    yield p
+    context.close()
+    live.app.dependency_overrides.clear()
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def shirt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "shirt.png"
+    path.write_bytes(_png(synthetic(1, 27)[0][0]))
+    return path
+
+
+def _focused(page) -> str:
+    return page.evaluate("document.activeElement.id")
+
+
+def _tab_to(page, element_id: str, presses: int = 8) -> None:
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        if _focused(page) == element_id:
+            return
+    raise AssertionError(f"Tab never reached #{element_id} (focus on #{_focused(page)})")
+
+
+def _draw(page, canvas: str = "#draw") -> None:
+    box = page.locator(canvas).bounding_box()
+    page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.15 * box["height"])
+    page.mouse.down()
+    for i in range(20):
+        page.mouse.move(box["x"] + (0.2 + 0.03 * i) * box["width"], box["y"] + (0.15 + 0.035 * i) * box["height"])
+    page.mouse.up()
+
+
+def test_a_keyboard_only_user_uploads_an_image_and_gets_its_class_behind_a_path_prefix(browser, trained_run,
+                                                                                       shirt, tmp_path):
+    server = Live(trained_run, prefix="/tools/fmnist").start()  # as behind a reverse proxy
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url))
+    try:
+        _keyboard_upload(page, server, shirt, tmp_path, asked)
+    finally:
+        context.close()
+        server.stop()
+    assert asked and all(url.startswith(server.url + "/") for url in asked), asked  # every URL was relative
+
+
+def _keyboard_upload(page, server: Live, shirt: Path, tmp_path: Path, asked: list[str]) -> None:
+    expected = httpx.post(server.url + "/predict", files={"file": ("s.png", shirt.read_bytes())}).json()["label"]
+    page.on("filechooser", lambda chooser: None)  # file choosers are caught from now on, before any key is pressed
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#model-name').textContent !== ''")
+    broken = page.evaluate("[...document.images].filter((i) => !i.hidden && !(i.complete && i.naturalWidth))"
+                           ".map((i) => i.id)")
+    assert broken == []  # no broken-image icon on first view
+    icon = page.evaluate("document.querySelector('link[rel=icon]').href")
+    assert httpx.get(icon).headers["content-type"].startswith("image/svg")
+
+    _tab_to(page, "drop")  # a real button: focusable, with a focus ring one can see
+    ring = page.evaluate("getComputedStyle(document.activeElement)")
+    assert ring["outlineStyle"] != "none" and float(ring["outlineWidth"].removesuffix("px")) >= 2
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(shirt))
+    page.wait_for_function(DONE)
+    assert page.text_content("#result-label") == expected
+    assert page.get_attribute("#result", "aria-live") == "polite" and expected in page.text_content("#result")
+    assert page.locator("#bars .barrow").count() == 5 and page.is_visible("#input-img")
+
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"hello, I am text")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press(" ")  # Space works too
+    chooser.value.set_files(str(notes))
+    page.wait_for_function("document.querySelector('#result').dataset.state === 'failed'")
+    assert page.get_attribute("#error", "role") == "alert" and page.is_visible("#error")
+    assert "notes.png: not an image" in page.text_content("#error")
+    assert page.locator("#bars .barrow").count() == 0 and not page.is_visible("#input-img")  # no stale answer
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (3 * 2**19))  # 1.5 MiB, over this server's 1 MiB
+    posts = len([r for r in asked if "/predict" in r])
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(big))
+    page.wait_for_function("document.querySelector('#result-prob').textContent === 'not sent'")
+    assert "big.png is 1.5 MiB; this server takes files up to 1.0 MiB" in page.text_content("#error")
+    assert len([r for r in asked if "/predict" in r]) == posts  # said at once, from GET limits, nothing sent
+
+    _tab_to(page, "clear")
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#result", "data-state") == "empty" and not page.is_visible("#error")
+
+
+def test_tabs_neuron_field_and_slider_work_by_keyboard(page, live):
+    page.goto(live.url + "/")
+    _tab_to(page, "tab-classify")
+    assert page.get_attribute("[role=tablist] >> nth=0", "role") == "tablist"
+    page.keyboard.press("ArrowRight")
+    assert _focused(page) == "tab-explore" and page.get_attribute("#tab-explore", "aria-selected") == "true"
+    assert page.get_attribute("#tab-classify", "aria-selected") == "false"
+    assert page.is_visible("#explore") and not page.is_visible("#classify")
+    assert page.get_attribute("#tab-explore", "aria-controls") == "explore"
+    assert page.get_attribute("#explore", "role") == "tabpanel"
+    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
+    assert page.input_value("#neuron-input") == "5"  # the tracked neuron, from GET neurons
+    assert "Loss by epoch, 1 to 3: training" in page.get_attribute("#loss-chart", "aria-label")
+    assert "Neuron 5, epoch 3" in page.get_attribute("#neuron-canvas", "aria-label")
+
+    _tab_to(page, "neuron-input")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("6")
+    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '6'")
+    assert page.text_content("#epoch-label").startswith("final weights only")
+    assert not page.is_visible("#epoch-slider")  # nothing to scrub through
+    page.keyboard.press("Control+A")
+    page.keyboard.type("5")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
+    last = page.evaluate("document.querySelector('#neuron-canvas').toDataURL()")
+    _tab_to(page, "epoch-slider")
+    page.keyboard.press("Home")
+    assert page.text_content("#epoch-label") == "epoch 0"
+    assert page.get_attribute("#epoch-slider", "aria-valuetext") == "epoch 0"
+    assert page.evaluate("document.querySelector('#neuron-canvas').toDataURL()") != last
+    page.keyboard.press("ArrowRight")
+    assert page.text_content("#epoch-label") == "epoch 1"
+    page.keyboard.press("Shift+Tab")
+    assert _focused(page) == "neuron-input"  # the order is the page's order
+    page.keyboard.press("Shift+Tab")
+    assert _focused(page) == "tab-explore"  # only the selected tab is in the Tab order; arrows move between tabs
+    page.keyboard.press("ArrowLeft")
+    assert page.is_visible("#classify") and not page.is_visible("#explore")
+
+
+def test_the_neuron_field_says_what_is_wrong_and_never_shows_another_neurons_picture(page, live):
+    page.goto(live.url + "/")
+    page.click("#tab-explore")
+    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'")
+    for typed, words in [("999", "no neuron 999"), ("300", "no neuron 300"), ("0", "no neuron 0"),
+                         ("-1", "no neuron -1"), ("abc", "“abc” is not a whole number"), ("", "Enter a neuron")]:
+        page.fill("#neuron-input", typed)
+        message = page.text_content("#neuron-message")
+        assert words in message and "1 to 32" in message and page.is_visible("#neuron-message"), typed
+        assert page.get_attribute("#neuron-input", "aria-invalid") == "true"
+        assert not page.is_visible("#neuron-canvas"), typed  # no picture, so not neuron 5's under 999
+
+    held = []  # the answer for neuron 6 waits until the test lets it go
+    page.route("**/neurons/6", lambda route: held.append(route))
+    page.fill("#neuron-input", "6")
+    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'loading neuron 6…'")
+    assert not page.is_visible("#neuron-canvas") and not page.is_visible("#neuron-message")
+    held[0].continue_()
+    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '6'")
+    assert page.is_visible("#neuron-canvas") and page.get_attribute("#neuron-input", "aria-invalid") == "false"
+    assert page.text_content("#epoch-label").startswith("final weights only (best.pt, epoch")
+
+
+def test_a_phone_390_wide_never_scrolls_sideways_and_draws_sharp_charts(browser, live):
+    context = browser.new_context(**PHONE)
+    page = context.new_page()
+    page.goto(live.url + "/")
+    fits = "document.scrollingElement.scrollWidth <= innerWidth"
+    assert page.evaluate(fits)
+    _draw(page)
+    page.wait_for_function(DONE)
+    assert page.evaluate(fits)
+    canvas, label = page.locator("#draw").bounding_box(), page.locator("#result-label").bounding_box()
+    assert label["y"] + label["height"] <= 844 and label["y"] - (canvas["y"] + canvas["height"]) < 200  # in view
+
+    page.click("#tab-explore")
+    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'")
+    assert page.evaluate(fits)
+    size = "(c => [c.clientWidth, c.width, c.getBoundingClientRect().right])(document.querySelector({!r}))"
+    for chart in ("#loss-chart", "#acc-chart", "#neuron-canvas"):
+        css_width, backing, right = page.evaluate(size.format(chart))
+        assert 250 <= css_width and right <= 390 and backing == round(2 * css_width), chart  # 2 pixels per CSS px
+    page.click("#tab-classify")
+    css_width, backing, right = page.evaluate(size.format("#draw"))
+    assert right <= 390 and backing == round(2 * css_width)
+    context.close()
+
+
+class Held:
+    """A batcher whose answers wait until the test lets them go."""
+
+    def __init__(self, batcher: serve.Batcher):
+        self.batcher, self.go = batcher, threading.Event()
+
+    async def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        await asyncio.to_thread(self.go.wait, 10)
+        return await self.batcher.probabilities(pixels)
+
+
+def test_the_page_says_classifying_and_never_shows_a_stale_answer(page, live, shirt):
+    from fastapi import HTTPException
+
+    page.goto(live.url + "/")
+    page.set_input_files("#file-input", str(shirt))
+    page.wait_for_function(DONE)
+    answer = page.text_content("#result-label")
+
+    held = Held(live.app.state.batcher)
+    live.app.dependency_overrides[serve.get_batcher] = lambda: held
+    _draw(page)
+    page.wait_for_function("document.querySelector('#result').dataset.state === 'waiting'")
+    assert page.text_content("#result-label") == "classifying…"  # not the previous answer
+    assert "stale" in page.get_attribute("#bars", "class")  # which stays, greyed, until the new one comes
+    held.go.set()
+    page.wait_for_function(DONE)
+
+    def broken():
+        raise HTTPException(503, "the model is being replaced")
+
+    live.app.dependency_overrides[serve.get_batcher] = broken
+    page.set_input_files("#file-input", str(shirt))
+    page.wait_for_function("document.querySelector('#result').dataset.state === 'failed'")
+    assert "503" in page.text_content("#error") and "being replaced" in page.text_content("#error")
+    assert answer not in page.text_content("#result") and page.locator("#bars .barrow").count() == 0
+    assert not page.is_visible("#input-img")
+
+    live.app.dependency_overrides.clear()
+    page.set_input_files("#file-input", str(shirt))
+    page.wait_for_function(DONE)
+    assert page.text_content("#result-label") == answer and not page.is_visible("#error")
+    page.click("#clear")
+    assert page.get_attribute("#result", "data-state") == "empty" and page.locator("#bars .barrow").count() == 0
+
+
+def test_a_stopped_server_is_said_plainly_and_explore_loads_once_it_is_back(browser, trained_run):
+    server = Live(trained_run).start()
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "/")
+        server.stop()
+        page.click("#tab-explore")
+        page.wait_for_function("document.querySelector('#explore-status').textContent.includes('not answering')")
+        assert "stopped" in page.text_content("#explore-status") and page.is_visible("#explore-status")
+        page.click("#tab-classify")
+        _draw(page)
+        page.wait_for_function("document.querySelector('#result').dataset.state === 'failed'")
+        assert "not answering" in page.text_content("#error") and page.is_visible("#error")
+
+        server.start()  # the same port: Explore asks again by itself
+        page.click("#tab-explore")
+        page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'", timeout=10_000)
+        assert page.locator("#facts dt").count() == 5 and not page.is_visible("#explore-status")
+        assert not errors, errors  # no uncaught promise rejection on the way
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_the_page_classifies_an_upload_and_a_drawing_and_shows_neurons(page, live, shirt, tmp_path):
+    expected = httpx.post(live.url + "/predict", files={"file": ("shirt.png", shirt.read_bytes())}).json()["label"]
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(live.url + "/")
+    with page.expect_response(lambda r: "/predict?" in r.url):
+        page.set_input_files("#file-input", str(shirt))
+    page.wait_for_function(DONE)
+    assert page.text_content("#result-label") == expected
+    assert page.get_attribute("#input-img", "src").startswith("data:image/png;base64,")
+    assert page.locator("#bars .barrow").count() == 5
+
+    with page.expect_response(lambda r: "/predict/pixels" in r.url) as drawn:
+        _draw(page)
+    rec = drawn.value.json()
+    assert drawn.value.status == 200 and rec["preprocess"] == "dataset"
+    page.wait_for_function(f"document.querySelector('#result-label').textContent === {rec['label']!r}")
+
+    page.click("#tab-explore")
+    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
+    assert page.input_value("#neuron-input") == "5"  # the tracked neuron, at its last epoch
+    last = page.evaluate("document.querySelector('#neuron-canvas').toDataURL()")
+    page.fill("#epoch-slider", "0")
+    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 0'")
+    assert page.evaluate("document.querySelector('#neuron-canvas').toDataURL()") != last  # changed with the epoch
+    page.fill("#neuron-input", "6")
+    page.wait_for_function("document.querySelector('#epoch-label').textContent.startsWith('final weights only')")
+    assert not page.is_visible("#epoch-slider")  # an untracked neuron: its final weights only
+    assert page.locator("#facts dt").count() == 5
+    assert not failed, failed
