@@ -47,7 +47,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__, predict
-from .errors import ConfigError, RunError
+from .errors import ConfigError, ImageError, RunError
 
 MAX_BODY = 10 * 2**20  # bytes: the default limit on a request body (10 MiB)
 INLINE_BYTES = 32 * 2**10  # uploads up to this size are decoded on the event loop (about 0.2 ms for a 28x28 PNG)
@@ -186,7 +186,7 @@ def _prepare_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray,
     for name, raw in uploads:
         try:
             out.append(predict.prepare(raw))
-        except predict.ImageError as e:
+        except ImageError as e:
             raise HTTPException(400, f"{name or 'the upload'}: {e}") from None
     return out
 
