@@ -17,8 +17,9 @@ from conftest import run_fmnist, synthetic
 from photos import render, write_photos
 from PIL import Image
 
-from fmnist import cli, data, predict, train
+from fmnist import cli, data, export, predict, preprocess, train
 from fmnist.config import TrainConfig
+from fmnist.errors import ImageError, PredictError
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_photo_trims_resizes_centres_and_negates():
     """A dark 40x20 box off-centre on white becomes a 28x14 bright box centred on black, exactly."""
     canvas = Image.new("RGB", (300, 200), (255, 255, 255))
     canvas.paste((50, 50, 50), (200, 30, 240, 50))  # 40 wide, 20 high
-    pixels, chosen = predict.prepare(canvas)
+    pixels, chosen = preprocess.prepare(canvas)
     assert chosen == "photo"
     expected = np.zeros((28, 28), np.uint8)
     expected[7:21, :] = 205  # (28 - 14) // 2 = 7; sharpening a flat box with repeated edges changes nothing
@@ -61,12 +62,12 @@ def test_photo_trim_ignores_background_within_five_percent_only():
     rng = np.random.default_rng(0)
     a = np.full((100, 100, 3), 240, np.int16) + rng.integers(-6, 7, (100, 100, 3))  # noise: within 5 %
     a[40:60, 45:55] = 0
-    pixels = predict.photo(Image.fromarray(a.astype(np.uint8)))
+    pixels = preprocess.photo(Image.fromarray(a.astype(np.uint8)))
     assert (pixels[:, 14:] > 200).any() and pixels[0].max() > 200  # trimmed to the box: it fills the height
     b = np.full((100, 100, 3), 240, np.uint8)
     b[40:60, 45:55] = 0
     b[:, 2] = 200  # a full-height line 40 levels off the corner colour (beyond 5 % of 255 * sqrt(3) = 22) is kept,
-    box_rows = (predict.photo(Image.fromarray(b)) > 200).any(axis=1).sum()
+    box_rows = (preprocess.photo(Image.fromarray(b)) > 200).any(axis=1).sum()
     assert box_rows <= 8  # so the crop is 100 rows high and the 20-row box shrinks to about 6 of 28
 
 
@@ -75,12 +76,12 @@ def test_sharpen_kernel_is_imagemagicks():
     g = np.array([[np.exp(-(u * u + v * v) / 2.0) for u in (-1, 0, 1)] for v in (-1, 0, 1)])
     k = -g
     k[1, 1] = 2 * g.sum()
-    np.testing.assert_allclose(predict._SHARPEN, k / k.sum())
+    np.testing.assert_allclose(preprocess._SHARPEN, k / k.sum())
     flat = np.full((5, 6, 3), 77.0)
-    np.testing.assert_allclose(predict._sharpen(flat), flat)
+    np.testing.assert_allclose(preprocess._sharpen(flat), flat)
     step = np.zeros((5, 6, 1))
     step[:, 3:] = 100.0
-    out = predict._sharpen(step)[:, :, 0]
+    out = preprocess._sharpen(step)[:, :, 0]
     assert out[2, 2] < 0 and out[2, 3] > 100  # overshoot on both sides of an edge: sharper
 
 
@@ -89,12 +90,12 @@ def test_transparency_is_composited_on_white():
     rgba.paste((30, 30, 30, 255), (10, 20, 40, 70))
     rgb = Image.new("RGB", (60, 80), (255, 255, 255))
     rgb.paste((30, 30, 30), (10, 20, 40, 70))
-    a, chosen = predict.prepare(_png(rgba))
-    b, _ = predict.prepare(_png(rgb))
+    a, chosen = preprocess.prepare(_png(rgba))
+    b, _ = preprocess.prepare(_png(rgb))
     assert chosen == "photo"
     np.testing.assert_array_equal(a, b)
     la = rgba.convert("LA")
-    np.testing.assert_array_equal(predict.prepare(la)[0], b)
+    np.testing.assert_array_equal(preprocess.prepare(la)[0], b)
 
 
 def test_exif_orientation_is_honoured():
@@ -107,10 +108,10 @@ def test_exif_orientation_is_honoured():
     shown = im.transpose(Image.Transpose.ROTATE_270)  # what a viewer displays
     plain = io.BytesIO()
     shown.save(plain, format="JPEG", quality=95)
-    a = predict.prepare(out.getvalue())[0]
-    b = predict.prepare(plain.getvalue())[0]
+    a = preprocess.prepare(out.getvalue())[0]
+    b = preprocess.prepare(plain.getvalue())[0]
     assert np.abs(a.astype(int) - b).mean() < 3  # the same picture, up to JPEG noise
-    unrotated = predict.prepare(_png(im))[0]
+    unrotated = preprocess.prepare(_png(im))[0]
     assert np.abs(a.astype(int) - unrotated).mean() > 20
 
 
@@ -121,25 +122,25 @@ def test_gif_first_frame_and_16_bit_and_palette_images():
     wide.paste(0, (0, 20, 50, 30))
     out = io.BytesIO()
     tall.save(out, format="GIF", save_all=True, append_images=[wide], duration=100, loop=0)
-    np.testing.assert_array_equal(predict.prepare(out.getvalue())[0], predict.prepare(tall)[0])
+    np.testing.assert_array_equal(preprocess.prepare(out.getvalue())[0], preprocess.prepare(tall)[0])
     sixteen = Image.fromarray(np.asarray(tall).astype(np.uint16) * 257)
     assert sixteen.mode.startswith("I")
-    np.testing.assert_array_equal(predict.prepare(_png(sixteen))[0], predict.prepare(tall)[0])
-    np.testing.assert_array_equal(predict.prepare(tall.convert("P"))[0], predict.prepare(tall)[0])
-    np.testing.assert_array_equal(predict.prepare(tall.convert("CMYK"))[0], predict.prepare(tall)[0])
+    np.testing.assert_array_equal(preprocess.prepare(_png(sixteen))[0], preprocess.prepare(tall)[0])
+    np.testing.assert_array_equal(preprocess.prepare(tall.convert("P"))[0], preprocess.prepare(tall)[0])
+    np.testing.assert_array_equal(preprocess.prepare(tall.convert("CMYK"))[0], preprocess.prepare(tall)[0])
 
 
 def test_auto_keeps_dataset_images_as_they_are():
     x, _ = synthetic(5, 0)
     for img in x:
-        pixels, chosen = predict.prepare(img)
+        pixels, chosen = preprocess.prepare(img)
         assert chosen == "dataset"
         np.testing.assert_array_equal(pixels, img)
     big = Image.fromarray(x[0]).resize((56, 56), Image.Resampling.NEAREST)
-    pixels, chosen = predict.prepare(big)
+    pixels, chosen = preprocess.prepare(big)
     assert chosen == "dataset"
     np.testing.assert_array_equal(pixels, x[0])  # 2x2 boxes averaged back
-    forced, chosen = predict.prepare(x[0], "photo")
+    forced, chosen = preprocess.prepare(x[0], "photo")
     assert chosen == "photo" and not np.array_equal(forced, x[0])
 
 
@@ -147,21 +148,21 @@ def test_extreme_shapes_still_give_28x28():
     for size in ((1, 1), (1, 5000), (5000, 1), (3, 2)):
         im = Image.new("RGB", size, (255, 255, 255))
         for mode in ("photo", "dataset"):
-            pixels, _ = predict.prepare(im, mode)
+            pixels, _ = preprocess.prepare(im, mode)
             assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
 
 
 def test_arrays_are_checked():
-    with pytest.raises(predict.ImageError, match="shape"):
-        predict.prepare(np.zeros((28, 28, 2)))
-    with pytest.raises(predict.ImageError, match="not finite"):
-        predict.prepare(np.full((28, 28), np.nan))
-    with pytest.raises(predict.ImageError, match="0 to 255"):
-        predict.prepare(np.full((28, 28), 300.0))
-    with pytest.raises(predict.ImageError, match="not an image"):
-        predict.prepare(np.zeros((28, 28), dtype=bool))
+    with pytest.raises(ImageError, match="shape"):
+        preprocess.prepare(np.zeros((28, 28, 2)))
+    with pytest.raises(ImageError, match="not finite"):
+        preprocess.prepare(np.full((28, 28), np.nan))
+    with pytest.raises(ImageError, match="0 to 255"):
+        preprocess.prepare(np.full((28, 28), 300.0))
+    with pytest.raises(ImageError, match="not an image"):
+        preprocess.prepare(np.zeros((28, 28), dtype=bool))
     img = synthetic(1, 3)[0][0]
-    np.testing.assert_array_equal(predict.prepare(img.astype(np.float32))[0], img)
+    np.testing.assert_array_equal(preprocess.prepare(img.astype(np.float32))[0], img)
 
 
 # ---------------------------------------------------------------- hostile files
@@ -339,7 +340,7 @@ def test_a_convnet_run_classifies_and_exports(tiny_dir, tmp_path):
     run = train.fit(cfg).dir
     x, _ = synthetic(6, 13)
     assert [r["file"] for r in predict.Predictor(run).predict(list(x))] == [None] * 6
-    info = predict.export(run)
+    info = export.export(run)
     assert info["check"]["argmax_agree"] == info["check"]["images"] == 200
     with torch.inference_mode():
         direct = torch.softmax(train_model(run)(data.normalize(torch.from_numpy(x)).unsqueeze(1)), 1).numpy()
@@ -361,7 +362,7 @@ def test_a_foreign_onnx_model_is_refused(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), path)
-    with pytest.raises(predict.PredictError, match="not exported by fmnist"):
+    with pytest.raises(PredictError, match="not exported by fmnist"):
         predict.Predictor(path)
 
 
@@ -397,7 +398,7 @@ def test_render_makes_light_off_centre_photos():
     img = synthetic(1, 0)[0][0]
     raw, suffix = render(img, np.random.default_rng(3))
     im = Image.open(io.BytesIO(raw))
-    assert min(im.size) >= 4 * 28 and not predict.looks_like_dataset(predict.open_image(raw))
+    assert min(im.size) >= 4 * 28 and not preprocess.looks_like_dataset(preprocess.open_image(raw))
 
 
 @pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF"])
@@ -406,4 +407,13 @@ def test_every_promised_format_gives_the_png_result(fmt):
     im.paste((40, 60, 80), (10, 15, 70, 50))
     out = io.BytesIO()
     im.save(out, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    np.testing.assert_array_equal(predict.prepare(out.getvalue())[0], predict.prepare(_png(im))[0])
+    np.testing.assert_array_equal(preprocess.prepare(out.getvalue())[0], preprocess.prepare(_png(im))[0])
+
+
+def test_the_names_callers_know_still_answer_from_predict():
+    """serve and older scripts reach preprocessing and export through predict: the same objects, moved."""
+    assert predict.prepare is preprocess.prepare and predict.open_image is preprocess.open_image
+    assert predict.ImageError is ImageError and predict.PredictError is PredictError
+    assert predict.export is export.export and predict._write_onnx is export._write_onnx
+    with pytest.raises(AttributeError):
+        predict.no_such_name  # noqa: B018
