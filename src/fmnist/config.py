@@ -45,7 +45,7 @@ MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_
 # two configs that differ only in these train the same model.
 NOT_IDENTITY = ("data_dir", "out_dir", "name", "plots", "tensorboard", "device", "threads", "dry_run")
 
-SEED_MAX = 2**32 - 1  # numpy's and most tools' seed range; seed * 1_000_003 + epoch stays inside int64
+SEED_MAX = 2**32 - 1  # numpy's and most tools' seed range; data.epoch_seed stays inside int64 below it
 MAX_WIDTH = 65_536  # neurons of one hidden layer; a wider layer would not fit a laptop's memory
 MAX_LAYERS = 32
 MAX_CHANNELS = 4_096

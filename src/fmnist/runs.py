@@ -168,11 +168,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     field ranges, the model's name and its own arguments, the init, the tracked
     neurons against the first layer's size, and the model's memory.
     """
-    cfg.validate()
-    if cfg.init not in models.INITS:
-        raise ConfigError(f"unknown init '{cfg.init}'; known: {', '.join(models.INITS)}.")
-    if cfg.activation is not None and cfg.activation not in models.ACTIVATIONS:
-        raise ConfigError(f"unknown activation '{cfg.activation}'; known: {', '.join(models.ACTIVATIONS)}.")
+    cfg.validate()  # ranges and names, the init and activation among them
     kw = models.resolve_kwargs(cfg.model, cfg.model_kwargs())
     cfg = dataclasses.replace(cfg, **{k: kw.get(k) for k in config_mod.MODEL_FIELDS})
     with torch.device("meta"):  # shapes only: no memory, no time
