@@ -46,7 +46,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__, predict
+from . import __version__, predict, preprocess
 from .errors import ConfigError, ImageError, RunError
 
 MAX_BODY = 10 * 2**20  # bytes: the default limit on a request body (10 MiB)
@@ -185,7 +185,7 @@ def _prepare_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray,
     out = []
     for name, raw in uploads:
         try:
-            out.append(predict.prepare(raw))
+            out.append(preprocess.prepare(raw))
         except ImageError as e:
             raise HTTPException(400, f"{name or 'the upload'}: {e}") from None
     return out
