@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import math
 
 import numpy as np
 import pytest
@@ -282,3 +284,133 @@ def test_every_epoch_and_rank_draws_from_its_own_seed():
     loader.set_epoch(3)
     assert torch.equal(loader.order(), torch.randperm(50, generator=torch.Generator().manual_seed(
         data.epoch_seed(7, 3))))
+
+
+# ---------------------------------------------------------------- photo-like augmentation
+
+def _params(b: int = 1, **kw) -> data.PhotoParams:
+    """Identity parameters for `b` images, with the named ones set (a number: the same for each image)."""
+    base = dict(angle=0.0, scale=1.0, grey0=0.0, grey1=0.0, direction=0.0, white=255.0, sigma=0.0)
+    base.update(kw)
+    return data.PhotoParams(**{k: torch.full((b,), float(v)) for k, v in base.items()})
+
+
+def _bar(b: int = 1) -> torch.Tensor:
+    x = torch.zeros(b, 28, 28, dtype=torch.uint8)
+    x[:, 13:15, 6:22] = 255  # a horizontal bar through the centre, 16 x 2
+    return x
+
+
+def test_photo_off_draws_nothing_and_leaves_batches_as_before():
+    x = torch.from_numpy(synthetic(64, 0)[0])
+    assert not Augment(photo=0.0).active
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    out = data.augment_batch(x, Augment(flip=True, photo=0.0), g)
+    flip = torch.rand(64, generator=ref) < 0.5  # what flip alone draws, and nothing else
+    assert torch.equal(g.get_state(), ref.get_state())
+    assert torch.equal(out, torch.where(flip[:, None, None], x.flip(-1), x))
+
+
+def test_photo_identity_parameters_change_nothing_and_a_quarter_turn_is_rot90():
+    x = torch.from_numpy(synthetic(8, 1)[0])
+    assert torch.equal(data.photo_apply(x, _params(8)), x)  # bilinear samples land on pixel centres
+    bar = _bar()
+    turned = data.photo_apply(bar, _params(angle=math.pi / 2))
+    assert torch.equal(turned, torch.rot90(bar, 1, (1, 2)))  # counter-clockwise as shown: the bar stands up
+    assert turned[0, 6:22, 13:15].eq(255).all() and turned.sum() == bar.sum()
+
+
+def _bar_angle(img: torch.Tensor) -> float:
+    """Angle in degrees of the principal axis of a bright shape, counter-clockwise as shown (y up)."""
+    w = img.double()
+    r, c = torch.meshgrid(torch.arange(28.0, dtype=torch.double), torch.arange(28.0, dtype=torch.double),
+                          indexing="ij")
+    m = w.sum()
+    x, y = c - (w * c).sum() / m, -(r - (w * r).sum() / m)
+    cxx, cyy, cxy = (w * x * x).sum() / m, (w * y * y).sum() / m, (w * x * y).sum() / m
+    return math.degrees(0.5 * math.atan2(2 * cxy, cxx - cyy))
+
+
+def test_photo_turns_and_zooms_by_the_drawn_amounts():
+    prm = data.photo_params(200, torch.Generator().manual_seed(0))
+    flat = dataclasses.replace(prm, grey0=torch.zeros(200), grey1=torch.zeros(200), white=torch.full((200,), 255.0),
+                               sigma=torch.zeros(200))
+    out = data.photo_apply(_bar(200), flat)
+    measured = torch.tensor([_bar_angle(im) for im in out])
+    drawn = torch.rad2deg(prm.angle)
+    assert (measured - drawn).abs().max() < 1.0  # degrees
+    assert drawn.abs().max() <= data.PHOTO_ROTATE and drawn.min() < -8 and drawn.max() > 8
+    length = (out.float() / 255).sum((1, 2)) / 2  # the bar's area / its thickness (both scale)
+    ratio = (length / 16) ** 0.5  # area grows with scale squared
+    assert (ratio - prm.scale).abs().max() < 0.03
+    assert ((prm.scale - 1).abs() <= data.PHOTO_SCALE + 1e-6).all()
+
+
+def test_photo_background_gradient_and_contrast():
+    zero = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    out = data.photo_apply(zero, _params(grey0=10, grey1=40, direction=0)).float()[0]  # left 10 -> right 40
+    assert (out == out[:1]).all()  # constant down each column
+    assert out[0, 0] == 11 and out[0, -1] == 39 and (out[0].diff() >= 0).all()
+    down = data.photo_apply(zero, _params(grey0=10, grey1=40, direction=math.pi / 2)).float()[0]
+    assert torch.equal(down, out.T)  # direction pi/2 runs down the image
+    full = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    assert data.photo_apply(full, _params(grey0=30, grey1=30, white=210)).eq(210).all()
+    half = torch.full((1, 28, 28), 128, dtype=torch.uint8)  # 30 + (210 - 30) x 128/255 = 120.35
+    assert data.photo_apply(half, _params(grey0=30, grey1=30, white=210)).eq(120).all()
+
+
+def test_photo_noise_has_the_asked_standard_deviation():
+    zero = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    noise = torch.randn(64, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = data.photo_apply(zero, _params(64, grey0=100, grey1=100, sigma=5), noise).float() - 100
+    assert abs(out.mean().item()) < 0.05
+    assert abs(out.std().item() - 5.0) < 0.06  # rounding adds 1/12 to the variance
+
+
+def test_photo_draws_stay_in_their_ranges():
+    prm = data.photo_params(5000, torch.Generator().manual_seed(1))
+    for v, lo, hi in [(prm.grey0, 0, data.PHOTO_GREY), (prm.grey1, 0, data.PHOTO_GREY),
+                      (prm.white, data.PHOTO_WHITE, 255), (prm.sigma, 0, data.PHOTO_NOISE),
+                      (prm.direction, 0, 2 * math.pi)]:
+        assert v.min() >= lo and v.max() <= hi
+        assert v.min() < lo + 0.01 * (hi - lo) and v.max() > hi - 0.01 * (hi - lo)  # the whole range is used
+
+
+def test_photo_batch_perturbs_about_p_and_leaves_the_rest():
+    x = torch.from_numpy(synthetic(1000, 2)[0])
+    out = data.photo_batch(x, 0.3, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    changed = (out != x).flatten(1).any(1)
+    assert 240 < int(changed.sum()) < 360
+    assert torch.equal(data.photo_batch(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
+def test_loader_with_photo_is_in_range_finite_and_reproducible():
+    x, y = synthetic(128, 4)
+    images, labels = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    aug = Augment(flip=True, translate=1, erase=0.2, photo=0.5)
+
+    def epoch(seed, e):
+        loader = BatchLoader(images, labels, 64, True, aug, seed=seed)
+        loader.set_epoch(e)
+        return torch.cat([b for b, _ in loader])
+
+    a = epoch(0, 1)
+    assert torch.isfinite(a).all()
+    assert a.min() >= -data.MEAN / data.STD - 1e-6 and a.max() <= (1 - data.MEAN) / data.STD + 1e-6
+    assert torch.equal(a, epoch(0, 1))
+    assert not torch.equal(a, epoch(0, 2)) and not torch.equal(a, epoch(1, 1))
+    plain = BatchLoader(images, labels, 64, True, dataclasses.replace(aug, photo=0.0), seed=0)
+    plain.set_epoch(1)
+    assert not torch.equal(a, torch.cat([b for b, _ in plain]))
+
+
+def test_training_passes_photo_aug_to_the_loader(tiny_dir, tmp_path):
+    from fmnist import distributed, runs, train
+    from fmnist.config import TrainConfig
+
+    cfg = runs.resolve(TrainConfig(data_dir=str(tiny_dir), hidden=[8], epochs=1, val_size=100, device="cpu",
+                                   photo_aug=0.25, translate=1, erase=0.1, track_neurons=[1]))
+    t = train.build(cfg, tmp_path, distributed.World(), data.load(tiny_dir, val_size=100), torch.device("cpu"),
+                    None)
+    assert t.train_loader.augment == Augment(flip=True, translate=1, erase=0.1, photo=0.25)

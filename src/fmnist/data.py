@@ -372,14 +372,15 @@ class Augment:
     flip: bool = False  # horizontal flip with probability 1/2
     translate: int = 0  # shift by up to this many pixels in x and y (zero fill)
     erase: float = 0.0  # probability of erasing one random rectangle (set to the mean)
+    photo: float = 0.0  # probability of a photo-like perturbation (see `photo_batch`)
 
     @property
     def active(self) -> bool:
-        return self.flip or self.translate > 0 or self.erase > 0
+        return self.flip or self.translate > 0 or self.erase > 0 or self.photo > 0
 
 
 def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    """Augment a uint8 batch (B, 28, 28); returns uint8 for flip/translate.
+    """Augment a uint8 batch (B, 28, 28); returns uint8 for flip/translate/photo.
 
     Erasing is applied later, on the normalised batch (see `erase_batch`).
     """
@@ -397,7 +398,88 @@ def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.
         x = padded.gather(1, rows)  # (B, h, w+2k)
         cols = (dx + torch.arange(w, device=dev))[:, None, :].expand(b, h, w)
         x = x.gather(2, cols)  # (B, h, w)
+    if aug.photo > 0:
+        x = photo_batch(x, aug.photo, gen)
     return x
+
+
+# What a photo leaves after the photo pipeline (find the product, flatten the background, invert, 28x28), in
+# pixel levels of the inverted image (0 = background, 255 = the brightest product pixel): the ranges of the
+# uniform draws of `photo_params`. Each chosen image gets all of them at once, each at its own strength.
+PHOTO_ROTATE = 10.0  # degrees, either way (a slightly tilted phone)
+PHOTO_SCALE = 0.1  # relative zoom, either way (the product found a little too tight or too loose)
+PHOTO_GREY = 48.0  # most background level, at each of two opposite sides (grey paper, light falling off)
+PHOTO_WHITE = 200.0  # least level of a full-white product pixel (contrast lost to grey paper or a dull light)
+PHOTO_NOISE = 8.0  # most standard deviation of Gaussian pixel noise, in levels (sensor noise left by denoising)
+
+
+@dataclass(frozen=True)
+class PhotoParams:
+    """Per-image parameters of `photo_apply`, each a float tensor of shape (B,)."""
+
+    angle: torch.Tensor  # radians, counter-clockwise as the image is shown (row 0 at the top)
+    scale: torch.Tensor  # > 1 enlarges the product
+    grey0: torch.Tensor  # background level where the gradient starts ...
+    grey1: torch.Tensor  # ... and where it ends
+    direction: torch.Tensor  # radians: the gradient runs from grey0 to grey1 along this direction (x right, y down)
+    white: torch.Tensor  # the level a 255 pixel becomes
+    sigma: torch.Tensor  # noise standard deviation, in levels
+
+    def select(self, k: torch.Tensor) -> PhotoParams:
+        return PhotoParams(*(getattr(self, f)[k] for f in self.__dataclass_fields__))
+
+
+def photo_params(b: int, gen: torch.Generator, device: torch.device | str = "cpu") -> PhotoParams:
+    """Draw the parameters of `b` images, uniform in the PHOTO_ ranges: one (B, 7) draw from `gen`."""
+    u = torch.rand(b, 7, generator=gen, device=device)
+    return PhotoParams(angle=(2 * u[:, 0] - 1) * math.radians(PHOTO_ROTATE), scale=1 + (2 * u[:, 1] - 1) * PHOTO_SCALE,
+                       grey0=u[:, 2] * PHOTO_GREY, grey1=u[:, 3] * PHOTO_GREY, direction=u[:, 4] * 2 * math.pi,
+                       white=PHOTO_WHITE + u[:, 5] * (255 - PHOTO_WHITE), sigma=u[:, 6] * PHOTO_NOISE)
+
+
+def photo_apply(x: torch.Tensor, prm: PhotoParams, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Perturb every image of a uint8 batch (B, h, w) as `prm` says; uint8 out.
+
+    In order: a turn and a zoom about the centre (one bilinear `grid_sample` for the batch with a matrix per
+    image, zero outside); the background lifted to a linear gradient from grey0 to grey1 and the product's
+    levels squeezed between it and `white`; `sigma` x `noise` (standard normal, (B, h, w)) added; rounded and
+    clipped to 0-255.
+    """
+    b, h, w = x.shape
+    dev = x.device
+    # Pixel centres in grid_sample's coordinates (align_corners=False): x right, y down, both in (-1, 1).
+    ys = ((torch.arange(h, device=dev) * 2 + 1) / h - 1)[None, :, None]  # (1, h, 1)
+    xs = ((torch.arange(w, device=dev) * 2 + 1) / w - 1)[None, None, :]  # (1, 1, w)
+    # Each output pixel samples the input at the inverse of "turn by angle, zoom by scale": with y down, a
+    # counter-clockwise turn on screen samples at R(angle) (x, y) / scale. (Written out: affine_grid costs
+    # five times the sampling itself on a CPU.)
+    cos = (torch.cos(prm.angle) / prm.scale)[:, None, None]
+    sin = (torch.sin(prm.angle) / prm.scale)[:, None, None]
+    grid = torch.stack([cos * xs - sin * ys, sin * xs + cos * ys], -1)  # (B, h, w, 2)
+    f = torch.nn.functional.grid_sample(x.float()[:, None].div_(255), grid, mode="bilinear",
+                                        padding_mode="zeros", align_corners=False)[:, 0]  # (B, h, w) in [0, 1]
+    # The background: the position along `direction`, -1 to 1 across the image, as a fraction t in [0, 1].
+    t = (xs * torch.cos(prm.direction)[:, None, None] + ys * torch.sin(prm.direction)[:, None, None])
+    t = t.add_(1).mul_(0.5).clamp_(0, 1)  # (B, h, w)
+    level = torch.lerp(prm.grey0[:, None, None], prm.grey1[:, None, None], t)
+    out = torch.lerp(level, prm.white[:, None, None].expand(b, h, w), f)
+    if noise is not None:
+        out = noise.mul(prm.sigma[:, None, None]).add_(out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def photo_batch(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image of a uint8 batch (B, h, w) given a photo-like perturbation with probability `p` (see the
+    PHOTO_ ranges): what the photo pipeline leaves of a grey, unevenly lit, noisy, tilted photo. The others
+    are returned bit for bit."""
+    b, h, w = x.shape
+    chosen = torch.rand(b, generator=gen, device=x.device) < p
+    prm = photo_params(b, gen, x.device)
+    k = torch.nonzero(chosen)[:, 0]
+    if len(k) == 0:
+        return x
+    noise = torch.randn(len(k), h, w, generator=gen, device=x.device)
+    return x.index_copy(0, k, photo_apply(x[k], prm.select(k), noise))
 
 
 def erase_batch(x: torch.Tensor, p: float, gen: torch.Generator,

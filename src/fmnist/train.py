@@ -462,7 +462,7 @@ def build(cfg: TrainConfig, run_dir: Path, world: distributed.World, splits: dat
     if cfg.compile:
         wrapped = _compiled(wrapped)
     train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=data.Augment(
-        cfg.flip, cfg.translate, cfg.erase), seed=cfg.seed, device=device,
+        cfg.flip, cfg.translate, cfg.erase, cfg.photo_aug), seed=cfg.seed, device=device,
         max_batches=DRY_RUN_BATCHES if cfg.dry_run else None, rank=world.rank, world_size=world.size)
     opt = make_optimizer(cfg, model, device)
     schedule, per_batch = make_schedule(cfg, opt, len(train_loader), epochs)
