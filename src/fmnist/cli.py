@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import data, evaluate
+    from . import calibrate, data, evaluate
 
     r = evaluate.evaluate_run(args.run, args.split, args.data_dir, args.device)
     if args.json:
@@ -147,6 +147,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{r['checkpoint']}  split {r['split']} ({r['images']} images)")
     print(f"accuracy {r['accuracy']:.4f}   loss {r['loss']:.4f}")
+    if r["calibrated"]:
+        print(f"calibration: temperature {r['temperature']:.3f} (fitted on the validation split); expected "
+              f"calibration error (15 bins) {100 * r['ece']:.2f}% before, {100 * r['ece_calibrated']:.2f}% after")
+        print(f"unsure: {100 * r['unsure']:.1f}% of these images (out-of-distribution score {r['ood_method']}, "
+              f"threshold {r['ood_threshold']:.4g}, chosen to keep {calibrate.VAL_KEPT:.0%} of the validation images)")
+    else:
+        print(f"calibration: none (a run trained before fmnist calibrated): temperature 1, expected calibration "
+              f"error (15 bins) {100 * r['ece']:.2f}%; never marked unsure (train again to calibrate)")
     print("\nper-class accuracy")
     for name, acc in r["per_class_accuracy"].items():
         print(f"  {name:<12} {acc:.4f}")
@@ -293,6 +301,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         name = rec["file"]  # in full, however long: a table row must name its file
         if "error" in rec:
             print(f"{name:<{width}}  error: {rec['error']}")
+            continue
+        if rec.get("unsure"):  # no confident class for what the model does not know
+            print(f"{name:<{width}}  does not look like a Fashion-MNIST product")
             continue
         others = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in rec["top"][1:])
         print(f"{name:<{width}}  {rec['label']:<12} {rec['probability']:>6.3f}  {others}")

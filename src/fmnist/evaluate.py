@@ -13,36 +13,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, devices, distributed, models, runs
+from . import calibrate, data, devices, distributed, models, runs
 from .config import TrainConfig
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False, tta: bool = False,
-             bf16: bool = False, world: distributed.World = distributed.World()):
-    """(mean loss, accuracy) or, with return_predictions, (loss, acc, probabilities (N, 10)); `tta`: see
-    models.tta_logits; `bf16`: the forward passes under bfloat16 autocast, as a bf16 run trains (a convnet with
-    TTA validated in 2.2 s instead of 4.7 s, to the same accuracy within 0.02 points, on a CPU with native bf16).
-    With several processes, `loader` holds this rank's part of the split and the figures are all ranks' (the
-    probabilities in the split's order)."""
+             bf16: bool = False, world: distributed.World = distributed.World(), features: bool = False):
+    """(mean loss, accuracy) or, with return_predictions, (loss, acc, logits (N, classes)) and with `features`
+    also {tap: (N, D_tap)} after them (every tap of models.taps_and_logits); `tta`: see models.tta_logits;
+    `bf16`: the forward passes under bfloat16 autocast, as a bf16 run trains (a convnet with TTA validated in 2.2 s
+    instead of 4.7 s, to the same accuracy within 0.02 points, on a CPU with native bf16). With several processes,
+    `loader` holds this rank's part of the split and the figures are all ranks' (the logits in the split's order)."""
     model.eval()
-    loss_sum, correct, n, probs = 0.0, 0, 0, []
+    loss_sum, correct, n, kept, feats = 0.0, 0, 0, [], []
     for x, y in loader:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = (models.tta_logits(model, x) if tta else model(x)).float()
+            if features:
+                taps, logits = models.taps_and_logits(model, x, tta=tta)
+                feats.append({k: v.float().cpu() for k, v in taps.items()})
+            else:
+                logits = models.tta_logits(model, x) if tta else model(x)
+            logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
-        if return_predictions:
-            probs.append(logits.softmax(1).cpu())
+        if return_predictions or features:
+            kept.append(logits.cpu())
     loss_sum, correct, n = distributed.all_sum([loss_sum, correct, n], world)
     correct = int(correct)
+    if features:
+        return (loss_sum / n, correct / n, distributed.gather_rows(torch.cat(kept), world),
+                {k: distributed.gather_rows(torch.cat([f[k] for f in feats]), world) for k in feats[0]})
     if return_predictions:
-        return loss_sum / n, correct / n, distributed.gather_rows(torch.cat(probs), world)
+        return loss_sum / n, correct / n, distributed.gather_rows(torch.cat(kept), world)
     return loss_sum / n, correct / n
 
 
@@ -51,12 +60,15 @@ BATCH = 1024  # images per forward pass when evaluating (memory is no concern at
 
 @dataclass
 class Scores:
-    """A model's figures on one split: mean loss, accuracy and, if asked for, the probabilities (N, classes)."""
+    """A model's figures on one split: mean loss, accuracy and, if asked for, the probabilities (N, classes), the
+    logits (N, classes) and the features the OOD scores read, in the split's order."""
 
     loss: float
     accuracy: float
     labels: torch.Tensor  # (N,) the split's labels, in its order
-    probabilities: torch.Tensor | None = None  # (N, classes) in the split's order
+    probabilities: torch.Tensor | None = None  # (N, classes): softmax of the logits (temperature 1)
+    logits: torch.Tensor | None = None  # (N, classes)
+    features: dict[str, torch.Tensor] | None = None  # tap -> (N, D_tap): see models.taps_and_logits
 
     def confusion(self) -> torch.Tensor:
         """(classes, classes) counts: row = true class, column = predicted class."""
@@ -64,22 +76,99 @@ class Scores:
 
 
 def scores(model: nn.Module, cfg: TrainConfig, split: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-           world: distributed.World = distributed.World(), probabilities: bool = False) -> Scores:
+           world: distributed.World = distributed.World(), probabilities: bool = False,
+           features: bool = False) -> Scores:
     """The one way to evaluate a model trained with `cfg`: as it was validated while training, in its memory format
     (channels-last), its precision (bf16 where the run computes in it on `device`) and with its test-time
-    augmentation, in batches of BATCH. Training's validation and test, `fmnist evaluate`, `fmnist plot` and the
-    report all come here. With several processes `split` is the whole split: each rank evaluates its part."""
+    augmentation, in batches of BATCH. Training's validation and test, `fmnist evaluate`, `fmnist plot`, the
+    report and the calibration all come here. With several processes `split` is the whole split: each rank
+    evaluates its part. `probabilities` keeps the logits and their softmax; `features` also every tap of
+    models.taps_and_logits."""
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     x, y = split
     part = distributed.shard(len(y), world.rank, world.size)
     loader = data.BatchLoader(x[part], y[part], BATCH, device=device)
     bf16 = devices.use_bf16(cfg.precision, device)
+    if features:
+        loss, acc, logits, feats = evaluate(model, loader, tta=cfg.tta, bf16=bf16, world=world, features=True)
+        return Scores(loss, acc, y, logits.softmax(1), logits, feats)
     if probabilities:
-        loss, acc, probs = evaluate(model, loader, True, tta=cfg.tta, bf16=bf16, world=world)
-        return Scores(loss, acc, y, probs)
+        loss, acc, logits = evaluate(model, loader, True, tta=cfg.tta, bf16=bf16, world=world)
+        return Scores(loss, acc, y, logits.softmax(1), logits)
     loss, acc = evaluate(model, loader, tta=cfg.tta, bf16=bf16, world=world)
     return Scores(loss, acc, y)
+
+
+def unlabelled(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 28, 28) uint8 images as a split for `scores`, with label 0 for all (their loss and accuracy mean
+    nothing)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+    return x, torch.zeros(len(x), dtype=torch.long)
+
+
+def mahalanobis_stats(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
+                      world: distributed.World = distributed.World(), small: bool = False
+                      ) -> dict[str, calibrate.Mahalanobis]:
+    """Tap -> class means and shared covariance of its features on up to calibrate.TRAIN_FEATURES training images
+    (a seeded draw that leaves the global random state alone; 2,048 when `small`)."""
+    x, y = splits.train
+    take = min(len(y), 2048 if small else calibrate.TRAIN_FEATURES)
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[:take]
+    train = scores(model, cfg, (x[pick], y[pick]), device, world, features=True)
+    return {tap: calibrate.fit_mahalanobis(f, train.labels, train.logits.shape[1]) for tap, f in train.features.items()}
+
+
+def ood_scores(cal: calibrate.Calibration, s: Scores) -> dict[str, torch.Tensor]:
+    """Every OOD score (calibrate.METHODS) of evaluated images `s` (with features), by `cal`'s statistics."""
+    return {m: cal.score(s.logits, s.features, m) for m in calibrate.METHODS}
+
+
+def every_score(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
+                world: distributed.World = distributed.World(), small: bool = False
+                ) -> tuple[calibrate.Calibration, Scores]:
+    """A Calibration that can compute every OOD score (no method chosen, no threshold), and the validation split's
+    Scores with features it was fitted on: the temperature on the validation logits, the Mahalanobis statistics of
+    every tap on training images, the combined score's scales on validation."""
+    val = scores(model, cfg, splits.val if not small else tuple(s[:2048] for s in splits.val), device, world,
+                 features=True)
+    every = calibrate.Calibration(calibrate.fit_temperature(val.logits, val.labels),
+                                  mahalanobis=mahalanobis_stats(model, cfg, splits, device, world, small))
+    every.scale = {p: calibrate.fit_scale(calibrate.energy_score(val.logits) if p == "energy"
+                                          else every.mahalanobis_part(p, val.features)) for p in calibrate.COMBINED}
+    return every, val
+
+
+def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
+                    world: distributed.World = distributed.World(), small: bool = False
+                    ) -> tuple[calibrate.Calibration, dict[str, Any]]:
+    """The run's calibration, from the training and validation splits only (the test split is not touched).
+
+    The temperature on the validation logits; the Mahalanobis statistics of every tap on up to
+    calibrate.TRAIN_FEATURES training images; each OOD score's threshold at calibrate.VAL_KEPT of the validation
+    images, and the score that marks most of calibrate.validation_ood unsure at its threshold (ties: the higher
+    AUROC). Returns it and the figures of the choice (for summary.json). `small`: a dry run's few images. Every
+    rank takes part; all get the same result.
+    """
+    every, val = every_score(model, cfg, splits, device, world, small)
+    temperature, stats = every.temperature, every.mahalanobis
+    sets = calibrate.validation_ood(20 if small else calibrate.VAL_OOD_PER_KIND, cfg.seed)
+    ood = scores(model, cfg, unlabelled(np.concatenate(list(sets.values()))), device, world, features=True)
+    real, other = ood_scores(every, val), ood_scores(every, ood)
+    thresholds = {m: calibrate.threshold_for(real[m]) for m in calibrate.METHODS}
+    caught = {m: float((other[m] > thresholds[m]).double().mean()) for m in calibrate.METHODS}
+    aurocs = {m: calibrate.auroc(real[m], other[m]) for m in calibrate.METHODS}
+    method = max(calibrate.METHODS, key=lambda m: (caught[m], aurocs[m]))
+    cal = calibrate.Calibration(temperature, method, thresholds[method],
+                                {t: stats[t] for t in calibrate.needs(method)},
+                                every.scale if method == "combined" else {})
+    figures = {
+        "val_ece": calibrate.calibration_error(val.probabilities, val.labels),
+        "val_ece_calibrated": calibrate.calibration_error((val.logits / temperature).softmax(1), val.labels),
+        "ood_val_unsure": caught,  # the share of the validation OOD set each score marks unsure at its threshold
+        "ood_val_auroc": aurocs,
+    }
+    return cal, figures
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: int = 10) -> torch.Tensor:
@@ -97,14 +186,25 @@ def load_splits(cfg: TrainConfig, data_dir: str | None = None) -> data.Splits:
 
 def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = None,
                  device: str = "auto") -> dict[str, Any]:
-    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split."""
+    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split, and its calibration:
+    the expected calibration error before and after the run's temperature (1 for a run trained before fmnist
+    calibrated: "calibrated" is then False) and the share of the split its OOD score marks unsure."""
     model, cfg, ckpt = runs.load_model(path)
+    cal = runs.load_calibration(ckpt, Path(path))
     dev = devices.pick_device(device)
     splits = load_splits(cfg, data_dir)
+    images = splits.test if split == "test" else splits.val
     with devices.cpu_share():
-        s = scores(model.to(dev), cfg, splits.test if split == "test" else splits.val, dev, probabilities=True)
+        s = scores(model.to(dev), cfg, images, dev, probabilities=True)
+        # the score's features come from their own pass: the figures above stay those training reported
+        taps = scores(model, cfg, images, dev, features=True).features if calibrate.needs(cal.method) else {}
     cm = s.confusion()
     per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
+    calibrated = (s.logits / cal.temperature).softmax(1)
+    unsure = None if cal.threshold is None else float((cal.score(s.logits, taps) > cal.threshold).double().mean())
     return dict(checkpoint=str(path), split=split, images=len(s.labels), epoch=ckpt.get("epoch"),
                 accuracy=s.accuracy, loss=s.loss, per_class_accuracy=dict(zip(data.CLASSES, per_class)),
-                confusion_matrix=cm.tolist())
+                confusion_matrix=cm.tolist(), calibrated="calibration" in ckpt, temperature=cal.temperature,
+                ece=calibrate.calibration_error(s.probabilities, s.labels),
+                ece_calibrated=calibrate.calibration_error(calibrated, s.labels), ood_method=cal.method,
+                ood_threshold=cal.threshold, unsure=unsure)

@@ -29,9 +29,11 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
     """Write RUN/model.onnx (or RUN/model.torchscript) from RUN/best.pt, checked before it is kept.
 
     The exported model takes (N, 28, 28) float32 pixels from 0 to 255 (any N) and gives (N, classes)
-    probabilities; its metadata names the classes and carries the run's configuration. It is kept only
-    if its probabilities on the run's first CHECK_IMAGES test images match PyTorch's within
-    CHECK_TOLERANCE and every top class agrees.
+    calibrated probabilities and (N,) out-of-distribution scores (models.PixelClassifier: the temperature and
+    the score's statistics are constants in the graph, so onnxruntime alone computes both); its metadata names
+    the classes and carries the run's configuration and calibration (the threshold above which a score is
+    unsure). It is kept only if, on the run's first CHECK_IMAGES test images, its probabilities match PyTorch's
+    within CHECK_TOLERANCE, every top class agrees, and its scores match within CHECK_TOLERANCE of their size.
     """
     import torch
 
@@ -51,15 +53,18 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
             raise PredictError("exporting to ONNX needs onnx, onnxscript and onnxruntime: "
                                "pip install 'fmnist[onnx]'.") from None
     model, cfg, ckpt = runs.load_model(run_dir)
-    wrapped = models.PixelClassifier(model, cfg.tta).eval()
+    cal = runs.load_calibration(ckpt, run_dir / "best.pt")
+    wrapped = models.PixelClassifier(model, cfg.tta, cal).eval()
     directory = data.locate(runs.data_dir_for(cfg.data_dir, data_dir))
     images = data.load_split(directory, "test")[0][:CHECK_IMAGES]
     pixels = images.astype(np.float32)
     with torch.inference_mode():
-        expected = wrapped(torch.from_numpy(pixels)).numpy()
+        expected, expected_scores = (t.numpy() for t in wrapped(torch.from_numpy(pixels)))
     meta = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"],
+            "calibration": cal.summary(),
             "input": "pixels: (N, 28, 28) float32, 0-255, a light object on black",
-            "output": "probabilities: (N, classes) float32"}
+            "output": "probabilities: (N, classes) float32, calibrated; ood_score: (N,) float32, higher is less "
+                      "like a Fashion-MNIST product, unsure above calibration.ood_threshold"}
     summary = run_summary(run_dir)
     if summary is not None:
         meta["summary"] = summary
@@ -68,13 +73,16 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
 
     def write(tmp: str) -> None:
         (_write_onnx if fmt == "onnx" else _write_torchscript)(wrapped, tmp, list(data.CLASSES), meta)
-        got = Predictor(tmp, kind=fmt, batch_size=1024).probabilities(pixels)
+        got, got_scores = Predictor(tmp, kind=fmt, batch_size=1024).outputs(pixels)
         diff = float(np.abs(got - expected).max()) if len(pixels) else 0.0
         agree = int((got.argmax(1) == expected.argmax(1)).sum())
-        check.update(images=len(pixels), max_difference=diff, argmax_agree=agree)
-        if not diff <= CHECK_TOLERANCE or agree != len(pixels):
+        score_diff = float((np.abs(got_scores - expected_scores) / np.maximum(1.0, np.abs(expected_scores))).max()) \
+            if len(pixels) else 0.0
+        check.update(images=len(pixels), max_difference=diff, argmax_agree=agree, max_score_difference=score_diff)
+        if not diff <= CHECK_TOLERANCE or agree != len(pixels) or not score_diff <= CHECK_TOLERANCE:
             raise PredictError(f"the exported model disagrees with PyTorch on {directory}'s test images "
-                               f"(largest difference {diff:.2e}, {agree} of {len(pixels)} top classes agree); "
+                               f"(largest difference {diff:.2e}, {agree} of {len(pixels)} top classes agree, "
+                               f"largest relative difference in the OOD score {score_diff:.2e}); "
                                f"{path} was not written.")
 
     files.atomic_write(path, write)
@@ -96,7 +104,8 @@ def _write_onnx(wrapped, path: str, classes: list[str], meta: dict[str, Any]) ->
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapped, (example,), path, input_names=["pixels"], output_names=["probabilities"],
+            torch.onnx.export(wrapped, (example,), path, input_names=["pixels"],
+                              output_names=["probabilities", "ood_score"],
                               dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
                               external_data=False, verbose=False)
     finally:

@@ -16,6 +16,7 @@ what they name.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import calibrate
 from .config import ACTIVATIONS, INITS  # noqa: F401 (the names; models.INITS is config.INITS)
 from .data import MEAN, STD
 from .errors import ModelError
@@ -219,21 +221,70 @@ def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return 0.5 * mirrored(x) + 0.5 * shifted
 
 
-class PixelClassifier(nn.Module):
-    """A model for use outside training: (N, 28, 28) pixels 0-255 in, (N, classes) probabilities out.
+def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = calibrate.TAPS, tta: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({tap: (B, D_tap)}, (B, classes) logits) of normalised images x (B, 1, 28, 28): the features the OOD scores
+    read. Taps: "pixels" (the normalised input, flattened), "first" (the first activation's output, averaged over
+    space in a convnet), "penultimate" (what the last Linear layer takes). The logits are model(x)'s to the bit;
+    with `tta` every output is averaged over the views as tta_logits averages logits."""
+    net = getattr(model, "net", None)
+    if not isinstance(net, nn.Sequential) or not isinstance(net[-1], nn.Linear):
+        raise ModelError(f"{type(model).__name__} does not end in a Linear layer, so it has no penultimate "
+                         "features for the out-of-distribution score.")
+    acts = tuple(getattr(nn, a) for a in ACTIVATIONS.values())
+    first = next((i for i, m in enumerate(net) if isinstance(m, acts)), 0)
+    wanted = [t for t in calibrate.TAPS if t in taps]  # in the order the network reaches them
+    sizes: list[int] = []
 
-    The dataset's normalisation is folded in, so that an exported model (ONNX,
-    TorchScript) takes what an image decoder gives and needs nothing of fmnist.
+    def run(v: torch.Tensor) -> torch.Tensor:  # every tap and the logits side by side, (B, sum D + classes)
+        outs = [v.flatten(1)] if "pixels" in wanted else []
+        h = v
+        for i, m in enumerate(net):
+            if i == len(net) - 1 and "penultimate" in wanted:
+                outs.append(h.flatten(1))
+            h = m(h)
+            if i == first and "first" in wanted:
+                outs.append(h.mean((2, 3)) if h.ndim == 4 else h)
+        sizes[:] = [o.shape[1] for o in outs] + [h.shape[1]]
+        return torch.cat([*outs, h], 1) if outs else h
+
+    out = tta_logits(run, x) if tta else run(x)
+    parts = out.split(sizes, 1)
+    return dict(zip(wanted, parts[:-1])), parts[-1]
+
+
+class PixelClassifier(nn.Module):
+    """A model for use outside training: (N, 28, 28) pixels 0-255 in; (N, classes) calibrated probabilities and
+    (N,) out-of-distribution scores out (higher: less like a Fashion-MNIST product; see calibrate.py).
+
+    The dataset's normalisation, the run's temperature and its out-of-distribution score (with its statistics as
+    constants) are folded in, so that an exported model (ONNX, TorchScript) takes what an image decoder gives and
+    needs nothing of fmnist. Without a calibration (a run trained before fmnist calibrated): temperature 1 and the
+    max-softmax score.
     """
 
-    def __init__(self, model: nn.Module, tta: bool = False):
+    def __init__(self, model: nn.Module, tta: bool = False, calibration: calibrate.Calibration | None = None):
         super().__init__()
         self.model, self.tta = model, tta  # tta: as the run was validated and tested (its config's `tta`)
+        self.calibration = calibration or calibrate.Calibration()
+        self.taps = calibrate.needs(self.calibration.method)
+        for tap, stats in self.calibration.mahalanobis.items():  # buffers: they follow .to(device) and are
+            self.register_buffer(f"whiten_{tap}", stats.whiten.clone())  # constants in an export
+            self.register_buffer(f"centres_{tap}", stats.centres.clone())
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD  # (N, 1, 28, 28), as data.normalize
-        logits = tta_logits(self.model, x) if self.tta else self.model(x)
-        return torch.softmax(logits.float(), dim=1)
+        if self.taps:
+            taps, logits = taps_and_logits(self.model, x, self.taps, self.tta)
+            taps = {k: v.float() for k, v in taps.items()}
+        else:
+            taps, logits = {}, tta_logits(self.model, x) if self.tta else self.model(x)
+        logits = logits.float()
+        cal = dataclasses.replace(self.calibration, mahalanobis={
+            tap: calibrate.Mahalanobis(getattr(self, f"whiten_{tap}"), getattr(self, f"centres_{tap}"))
+            for tap in self.calibration.mahalanobis})
+        t = cal.temperature
+        return torch.softmax(logits / t if t != 1.0 else logits, dim=1), cal.score(logits, taps)
 
 
 class ResidualBlock(nn.Module):

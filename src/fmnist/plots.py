@@ -7,7 +7,8 @@ report.draw(run_dir) gathers those arrays from a run directory and its data.
 Figures: curves.png (loss, accuracy, learning rate), samples.png (a row of
 training images per class), neuron_<k>.png and .gif (a tracked neuron's
 incoming weights at every epoch), neurons_atlas.png (every first-layer neuron
-at the last epoch), confusion_matrix.png and mistakes.png (test split).
+at the last epoch), confusion_matrix.png, mistakes.png and reliability.png
+(test split).
 Grids of many small pictures are tiled into one array and drawn with a single
 imshow: one axes per picture would make the atlas take seconds.
 """
@@ -222,13 +223,43 @@ def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Pa
     return save_figure(fig, path)
 
 
+def reliability(before: dict, after: dict | None, path: Path, ece: tuple[float, float | None] = (0.0, None),
+                temperature: float | None = None) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (calibrate.reliability's tables), before and after
+    temperature scaling, with the share of images in each bin below. `after` None: a run without a temperature."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(6.4, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    edges = np.asarray(before["edges"])
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    shown = [("raw softmax", before, "tab:red", ece[0])]
+    if after is not None:
+        shown.append((f"temperature {temperature:.3g}", after, "tab:blue", ece[1]))
+    width = (edges[1] - edges[0]) / (len(shown) + 1)
+    for k, (name, table, colour, e) in enumerate(shown):
+        used = np.asarray(table["count"]) > 0
+        conf, acc = np.asarray(table["confidence"])[used], np.asarray(table["accuracy"])[used]
+        ax.plot(conf, acc, "o-", color=colour, ms=4, label=f"{name}: ECE {100 * e:.2f}%")
+        share = np.asarray(table["count"]) / max(np.sum(table["count"]), 1)
+        ax_n.bar(edges[:-1] + (k + 0.5) * width, share, width=width, align="edge", color=colour, alpha=0.8)
+    ax.set(ylabel="accuracy in the bin", xlim=(0, 1), ylim=(0, 1.02),
+           title="Reliability on the test split (15 bins of confidence)"
+           + ("" if after is not None else "\n(no temperature: a run from before calibration)"))
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax_n.set(xlabel="confidence (largest probability)", ylabel="share of images", yscale="log")
+    ax_n.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 # ---------------------------------------------------------------- all of a run
 
 def plot_run(run_dir: str | Path, history: list[dict], summary: dict, neurons: dict[int, np.ndarray],
              test_images: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray, confusion: np.ndarray,
-             train: tuple[np.ndarray, np.ndarray], first_layer: np.ndarray, conv: bool) -> list[Path]:
+             train: tuple[np.ndarray, np.ndarray], first_layer: np.ndarray, conv: bool,
+             calibration: dict | None = None) -> list[Path]:
     """Write every figure of the run into run_dir/plots/; returns their paths. `confusion`: the test split's
-    (10, 10) counts as evaluate computed them; `train`: the training split's (images, labels)."""
+    (10, 10) counts as evaluate computed them; `train`: the training split's (images, labels); `calibration`:
+    reliability()'s arguments (before, after, ece, temperature) for reliability.png, or None for no diagram."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
     paths = [
@@ -242,6 +273,9 @@ def plot_run(run_dir: str | Path, history: list[dict], summary: dict, neurons: d
     paths.append(atlas(first_layer, out / "neurons_atlas.png", conv=conv, epoch=len(history)))
     paths.append(confusion_matrix(confusion, out / "confusion_matrix.png"))
     paths.append(mistakes(test_images, test_labels, test_probs, out / "mistakes.png"))
+    if calibration is not None:
+        paths.append(reliability(calibration["before"], calibration["after"], out / "reliability.png",
+                                 calibration["ece"], calibration["temperature"]))
     return paths
 
 

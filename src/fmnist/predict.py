@@ -1,7 +1,14 @@
 """Classify the images people bring with a trained or exported model.
 
     p = Predictor("runs/mlp-s0")              # a run directory, a .pt checkpoint, model.onnx or a TorchScript file
-    p.predict(["shoe.jpg", pil_image, array])  # -> [{"file": ..., "label": "Sneaker", "probability": 0.93, ...}]
+    p.predict(["shoe.jpg", pil_image, array])  # -> [{"file": ..., "label": "Sneaker", "probability": 0.93,
+                                               #      "unsure": False, "ood_score": -2.1, ...}]
+
+The probabilities are calibrated (the run's temperature) and every record
+says whether the image looks like a Fashion-MNIST product at all: "unsure"
+is true when its out-of-distribution score ("ood_score", higher = less like
+the dataset) is above the run's threshold (calibrate.py; both are in best.pt
+and in an exported model, whose second output is the score).
 
 Each image becomes the model's 28x28 input in preprocess.py; export.py writes
 the ONNX and TorchScript files this module reads. This module imports neither
@@ -101,7 +108,9 @@ class Predictor:
     """A model that classifies images: PyTorch (a run or a checkpoint), onnxruntime (.onnx) or TorchScript.
 
     Every backend takes (N, 28, 28) float32 pixels from 0 to 255 (light object on black) and gives
-    (N, 10) probabilities: the normalisation is part of the model.
+    (N, 10) calibrated probabilities and (N,) out-of-distribution scores (models.PixelClassifier): the
+    normalisation, temperature and score are part of the model. `threshold`: scores above it are unsure (None:
+    a run trained before fmnist calibrated, or an export made then: never unsure).
     """
 
     def __init__(self, model: Any, device: str = "cpu", batch_size: int = 256, kind: str | None = None):
@@ -111,6 +120,7 @@ class Predictor:
             raise PredictError(f"--batch-size {batch_size} is out of range: choose 1 to 65,536.")
         self.batch_size = batch_size
         self.info: dict[str, Any] = {}  # what the model says of itself: its run's config and figures
+        self.threshold: float | None = None  # OOD scores above it are unsure; None: no decision
         if isinstance(model, (str, Path)):
             path = Path(model)
             if not path.exists():
@@ -137,17 +147,24 @@ class Predictor:
         from . import data, devices, runs
 
         model, cfg, ckpt = runs.load_model(path)
-        self._use_module(model, data.CLASSES, devices.pick_device(device), tta=cfg.tta)
+        cal = runs.load_calibration(ckpt, path)
+        self._use_module(model, data.CLASSES, devices.pick_device(device), tta=cfg.tta, calibration=cal)
+        try:  # the statistics must fit the network's features (a best.pt put together by hand might not)
+            self._run_torch(np.zeros((1, SIZE, SIZE), np.float32))
+        except RuntimeError:
+            raise PredictError(f"{path}: its calibration does not fit its model; train the run again.") from None
+        self.threshold = cal.threshold
         if cfg.channels_last:  # as it was trained: cnn-fast with TTA, batch 1024, 775 -> 2,242 images/s on 2 cores
             self._module = self._module.to(memory_format=self._torch.channels_last)
         self.backend = "pytorch"
-        self.info = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"]}
+        self.info = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"],
+                     "calibration": cal.summary()}
         self.model = model  # the bare network (normalised images in, logits out), for who needs its layers
         summary = run_summary(path if path.is_dir() else path.parent)
         if summary is not None:
             self.info["summary"] = summary
 
-    def _use_module(self, model, classes, device, tta: bool = False) -> None:
+    def _use_module(self, model, classes, device, tta: bool = False, calibration=None) -> None:
         import torch
 
         from . import models
@@ -156,7 +173,7 @@ class Predictor:
         self.classes = tuple(classes)
         self._torch = torch
         self._device = device
-        self._module = models.PixelClassifier(model, tta).to(device).eval()
+        self._module = models.PixelClassifier(model, tta, calibration).to(device).eval()
         self._run = self._run_torch
 
     def _load_onnx(self, path: Path) -> None:
@@ -173,15 +190,16 @@ class Predictor:
                                f"{_why(e, '')}.") from None
         meta = session.get_modelmeta().custom_metadata_map
         ins, outs = session.get_inputs(), session.get_outputs()
-        if (len(ins) != 1 or list(ins[0].shape[1:]) != [SIZE, SIZE] or len(outs) != 1
+        if (len(ins) != 1 or list(ins[0].shape[1:]) != [SIZE, SIZE] or len(outs) not in (1, 2)
                 or "classes" not in meta):
             raise PredictError(f"{path} was not exported by fmnist (it must take (N, 28, 28) pixels, give "
                                "(N, classes) probabilities and name its classes): export one with fmnist export.")
         self.classes = self._classes(meta["classes"], path)
-        self.info = json.loads(meta.get("fmnist", "{}"))
+        self.info = self._info(meta.get("fmnist", "{}"), path)
         self._session, self._input = session, ins[0].name
         self.backend = "onnxruntime"
-        self._run = lambda x: self._session.run(None, {self._input: x})[0]
+        # fmnist's exports since calibration give (probabilities, ood_score); earlier ones probabilities only
+        self._run = lambda x: (*self._session.run(None, {self._input: x}), None)[:2]
 
     def _load_torchscript(self, path: Path) -> None:
         import torch
@@ -197,7 +215,7 @@ class Predictor:
             raise PredictError(f"{path} was not exported by fmnist (it names no classes): export one with "
                                "fmnist export --format torchscript.")
         self.classes = self._classes(extra["classes.json"], path)
-        self.info = json.loads(extra["fmnist.json"] or "{}")
+        self.info = self._info(extra["fmnist.json"] or "{}", path)
         self._torch, self._device, self._module = torch, torch.device("cpu"), module.eval()
         self.backend = "torchscript"
         self._run = self._run_torch
@@ -212,26 +230,65 @@ class Predictor:
             raise PredictError(f"{path} names its classes in a form fmnist cannot read: export it again.")
         return tuple(classes)
 
-    def _run_torch(self, x: np.ndarray) -> np.ndarray:
+    def _info(self, text: str | bytes, path: Path) -> dict[str, Any]:
+        """An export's own description (its run's config, figures and calibration); sets the threshold from it."""
+        try:
+            info = json.loads(text)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise PredictError(f"{path} describes itself in a form fmnist cannot read: export it again.")
+        threshold = (info.get("calibration") or {}).get("ood_threshold")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and np.isfinite(threshold)):
+            raise PredictError(f"{path} holds an out-of-distribution threshold that is not a number: export it "
+                               "again.")
+        self.threshold = None if threshold is None else float(threshold)
+        return info
+
+    def _run_torch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         torch = self._torch
         with torch.inference_mode():
-            return self._module(torch.from_numpy(x).to(self._device)).float().cpu().numpy()
+            out = self._module(torch.from_numpy(x).to(self._device))
+        probs, scores = out if isinstance(out, (tuple, list)) else (out, None)  # a TorchScript file from before
+        return probs.float().cpu().numpy(), None if scores is None else scores.float().cpu().numpy()
 
     # -- classifying
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, 28, 28) values 0-255 -> (N, classes) probabilities, in batches of self.batch_size."""
+    def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 28, 28) values 0-255 -> ((N, classes) calibrated probabilities, (N,) OOD scores), in batches of
+        self.batch_size. The scores are None for a model exported before fmnist calibrated."""
         x = np.asarray(pixels, dtype=np.float32).reshape(-1, SIZE, SIZE)
         parts = [self._run(np.ascontiguousarray(x[i:i + self.batch_size]))
                  for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
+        if not parts:
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
+        probs = np.concatenate([p for p, _ in parts])
+        scores = None if parts[0][1] is None else np.concatenate([s for _, s in parts]).reshape(-1)
+        return probs, scores
 
-    def record(self, probs: np.ndarray, top_k: int = 3) -> dict[str, Any]:
-        """One image's probabilities -> {"label", "index", "probability", "top": [...]} (top_k classes)."""
-        order = np.argsort(-probs, kind="stable")[:top_k]
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 28, 28) values 0-255 -> (N, classes) calibrated probabilities (outputs() without the scores)."""
+        return self.outputs(pixels)[0]
+
+    def record(self, probs: np.ndarray, top_k: int = 3, ood_score: float | None = None) -> dict[str, Any]:
+        """One image's probabilities and OOD score -> {"label", "index", "probability", "top": [...] (top_k
+        classes), "unsure", "ood_score"}.
+
+        "unsure": the score is above the run's threshold (the image does not look like a Fashion-MNIST product);
+        False where the model has no threshold (a run from before calibration), None where the caller gave no
+        score to a model that has one.
+        """
+        shown = np.round(probs.astype(np.float64), 6)  # ordered as shown: ties (0.0) by class, whatever the batch
+        order = np.argsort(-shown, kind="stable")[:top_k]
         best = int(order[0])
-        return {"label": self.classes[best], "index": best, "probability": round(float(probs[best]), 6),
-                "top": [{"label": self.classes[i], "probability": round(float(probs[i]), 6)} for i in order]}
+        score = None if ood_score is None or not np.isfinite(ood_score) else float(ood_score)
+        if self.threshold is None:
+            unsure: bool | None = False
+        else:
+            unsure = None if score is None else score > self.threshold
+        return {"label": self.classes[best], "index": best, "probability": float(shown[best]),
+                "top": [{"label": self.classes[i], "probability": float(shown[i])} for i in order],
+                "unsure": unsure, "ood_score": None if score is None else round(score, 4)}
 
     def predict(self, items: Iterable[Any], top_k: int = 3, preprocess: str = "auto",
                 save_inputs: str | Path | None = None, workers: int | None = None) -> list[dict[str, Any]]:
@@ -271,9 +328,10 @@ class Predictor:
     def _flush(self, batch, top_k, out_dir, total, shown) -> Iterator[dict[str, Any]]:
         if not batch:
             return
-        probs = self.probabilities(np.stack([b[2] for b in batch]))
-        for (i, item, pixels, chosen), p in zip(batch, probs):
-            rec = {"file": _name(item), **self.record(p, top_k), "preprocess": chosen}
+        probs, scores = self.outputs(np.stack([b[2] for b in batch]))
+        scores = [None] * len(batch) if scores is None else scores
+        for (i, item, pixels, chosen), p, score in zip(batch, probs, scores):
+            rec = {"file": _name(item), **self.record(p, top_k, score), "preprocess": chosen}
             if out_dir is not None:
                 rec["input"] = str(_save_input(out_dir, i, item, pixels, total))
                 if len(shown) < OVERVIEW:
@@ -282,7 +340,8 @@ class Predictor:
 
 
 def overview(shown: list[tuple[Any, np.ndarray, dict]], path: Path, cell: int = 112, cols: int = 4) -> Path:
-    """A PNG of each image beside the 28x28 input it became (shown 4x, pixel for pixel), with its class."""
+    """A PNG of each image beside the 28x28 input it became (shown 4x, pixel for pixel), with its class (or "not a
+    product?" where the record is unsure)."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=13)
@@ -303,7 +362,9 @@ def overview(shown: list[tuple[Any, np.ndarray, dict]], path: Path, cell: int = 
         sheet.paste(Image.fromarray(pixels, "L").resize((cell, cell), Image.Resampling.NEAREST), (x + cell + gap, y))
         name = Path(rec["file"]).name if rec["file"] else "image"
         draw.text((x, y + cell + 3), name[:34], fill=(90, 90, 90), font=font)
-        draw.text((x, y + cell + 18), f"{rec['label']} {rec['probability']:.2f}", fill=(0, 0, 0), font=font)
+        said = f"not a product? ({rec['label']} {rec['probability']:.2f})" if rec.get("unsure") else \
+            f"{rec['label']} {rec['probability']:.2f}"
+        draw.text((x, y + cell + 18), said, fill=(0, 0, 0), font=font)
     from . import files
 
     files.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -37,6 +37,10 @@ CAPTIONS = {
     "neurons_atlas.png": "The incoming weights of every first-layer neuron after the last epoch.",
     "confusion_matrix.png": "Which classes the model confuses on the test split.",
     "mistakes.png": "The test images the model got wrong with the most confidence.",
+    "reliability.png": "Reliability: in each bin of confidence (the largest probability), the share of test images "
+                       "the model got right, before and after temperature scaling (fitted on the validation "
+                       "split). On the diagonal, a probability of 0.8 is right 8 times in 10; ECE is the mean gap, "
+                       "weighted by the images in each bin.",
 }
 
 
@@ -50,6 +54,14 @@ def _cards(summary: dict) -> str:
         ("parameters", f"{summary.get('parameters', 0):,}"),
         ("device", html.escape(str(summary.get("device", "?")))),
     ]
+    if "temperature" in summary:
+        items.append(("temperature", f"{summary['temperature']:.3f}"))
+    if "test_ece" in summary and "test_ece_calibrated" in summary:
+        items.append(("test calibration error", f"{100 * summary['test_ece']:.2f}% &rarr; "
+                                                f"{100 * summary['test_ece_calibrated']:.2f}%"))
+    if "test_unsure" in summary:
+        items.append(("test images marked unsure", f"{100 * summary['test_unsure']:.1f}% "
+                                                   f"({html.escape(str(summary.get('ood_method', '?')))})"))
     return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
 
 
@@ -109,8 +121,23 @@ def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
     paths = plots.plot_run(run_dir, history, summary, neurons, splits.test[0][:n].numpy(),
                            scores.labels.numpy(), scores.probabilities.numpy(), scores.confusion().numpy(),
                            (splits.train[0].numpy(), splits.train[1].numpy()),
-                           models.first_layer_pictures(final_model.cpu()).numpy(), models.is_conv(final_model))
+                           models.first_layer_pictures(final_model.cpu()).numpy(), models.is_conv(final_model),
+                           _reliability(scores, summary.get("temperature")))
     return [*paths, write(run_dir)]
+
+
+def _reliability(scores, temperature: float | None) -> dict:
+    """plots.reliability's tables of the test `scores`, before and after the run's temperature (None: a run from
+    before calibration, drawn before only)."""
+    from . import calibrate
+
+    probs, labels = scores.probabilities, scores.labels
+    after = (scores.logits / temperature).softmax(1) if temperature is not None else None
+    return {"before": calibrate.reliability(probs, labels),
+            "after": calibrate.reliability(after, labels) if after is not None else None,
+            "ece": (calibrate.calibration_error(probs, labels),
+                    calibrate.calibration_error(after, labels) if after is not None else None),
+            "temperature": temperature}
 
 
 def write(run_dir: str | Path) -> Path:
@@ -149,6 +176,8 @@ def write(run_dir: str | Path) -> Path:
         "<h2>Test results</h2>",
         _figure("confusion_matrix.png", CAPTIONS["confusion_matrix.png"], "confusion matrix"),
         _figure("mistakes.png", CAPTIONS["mistakes.png"], "confident mistakes"),
+        *([_figure("reliability.png", CAPTIONS["reliability.png"], "reliability diagram")]
+          if (plots / "reliability.png").exists() else []),
         "<h2>The data</h2>", _figure("samples.png", CAPTIONS["samples.png"], "training samples"),
         "<h2>History</h2>", _history_table(history, summary.get("best_epoch")),
         "<h2>Configuration</h2>", f"<pre>{html.escape(cfg_text)}</pre>",

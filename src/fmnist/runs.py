@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import calibrate, models
 from . import config as config_mod
-from . import models
 from .config import ConfigError, TrainConfig
 from .files import (  # noqa: F401 (fmnist's file-writing rules, used here and re-exported)
     FILE_MODE,
@@ -49,7 +49,8 @@ START_FILES = {"config.toml", "history.jsonl", "neurons.npz", "tb", LOCK_FILE}
 CONFIG_HEADER = "# fmnist run configuration (train again with: fmnist train --config this-file)\n"
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 SUMMARY_NUMBERS = ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "epochs", "wall_seconds",
-                   "train_samples_per_second", "parameters", "threads", "seed")
+                   "train_samples_per_second", "parameters", "threads", "seed", "temperature", "test_ece",
+                   "test_ece_calibrated", "test_unsure", "ood_threshold")
 
 
 # ---------------------------------------------------------------- writing files
@@ -279,6 +280,15 @@ def load_state(model: nn.Module, state: dict, path: Path) -> nn.Module:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"the weights in {path} do not match its configuration ({first[:160]}).") from None
     return model
+
+
+def load_calibration(ckpt: dict, path: Path) -> calibrate.Calibration:
+    """The calibration a best.pt holds (temperature, OOD score and threshold), or the neutral one for a run trained
+    before fmnist calibrated (temperature 1, never unsure); RunError if it is damaged."""
+    try:
+        return calibrate.Calibration.from_dict(ckpt.get("calibration"))
+    except ValueError as e:
+        raise RunError(f"{path} holds a damaged calibration ({e}); train the run again.") from None
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:

@@ -5,7 +5,9 @@ torchrun restart), check everything a user can get wrong (teacher, data), claim
 the run directory, build a `Training` (the dataclass that holds a training's
 state), restore it from last.pt, and then per epoch: `train_epoch`, `validate`,
 `checkpoint`. At the end, `finish` evaluates best.pt once on the test split,
-writes summary.json and draws the figures.
+calibrates it on the validation split (temperature, out-of-distribution score
+and threshold: evaluate.fit_calibration), writes summary.json and draws the
+figures.
 
 Every random draw of epoch e depends only on (seed, e) (data.epoch_seed), and
 `last.pt` holds everything else (weights, optimiser, schedule, history,
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, devices, distributed, evaluate, models, runs
+from . import calibrate, data, devices, distributed, evaluate, models, runs
 from .config import TrainConfig
 from .errors import Interrupted, RunError, TrainError
 
@@ -567,7 +569,8 @@ def checkpoint(t: Training, row: dict[str, Any]) -> None:
 
 
 def finish(t: Training, test: bool, command: str, started: float) -> Run:
-    """The test split, once, with the weights chosen on validation; summary.json; the figures."""
+    """The test split, once, with the weights chosen on validation; the calibration (on validation) into best.pt;
+    summary.json; the figures."""
     cfg, world = t.cfg, t.world
     best_state = distributed.on_main(lambda: runs.load_checkpoint(t.run_dir / "best.pt")["model"], world)
     best = runs.load_state(runs.build_model(cfg).to(t.device), best_state, t.run_dir / "best.pt")
@@ -577,6 +580,7 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
         split = t.splits.test if not cfg.dry_run else tuple(s[:2048] for s in t.splits.test)
         scores = evaluate.scores(best, cfg, split, t.device, world, probabilities=True)
         figures = dict(test_accuracy=scores.accuracy, test_loss=scores.loss)
+    cal, cal_figures = calibrate_best(t, best, scores, split if test else None)
     history = t.history
     images_per_epoch = min(len(t.splits.train[1]), len(t.train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
@@ -589,14 +593,40 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
         world_size=world.size, backend=world.backend or "none", global_batch=cfg.batch_size,
         batch_per_process=cfg.batch_size // world.size,
         torch_version=torch.__version__, seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
+        **cal_figures,
     )
     if world.main:
+        best_ckpt = runs.load_checkpoint(t.run_dir / "best.pt")  # the weights stay as they are: only added to
+        runs.save_checkpoint({**best_ckpt, "calibration": cal.to_dict()}, t.run_dir / "best.pt")
         runs.write_summary(t.run_dir, summary)
         if cfg.plots and scores is not None:
             from . import report
 
             report.draw(t.run_dir, splits=t.splits, scores=scores, final_model=t.model)
     return Run(t.run_dir, summary, history)
+
+
+def calibrate_best(t: Training, best: nn.Module, scores: evaluate.Scores | None, test_split: tuple | None
+                   ) -> tuple[calibrate.Calibration, dict[str, Any]]:
+    """best.pt's calibration, fitted on the training and validation splits (evaluate.fit_calibration), and its
+    figures for summary.json: the temperature, the OOD score and threshold and how the scores compared on
+    validation; with the test's `scores`, the expected calibration error before and after the temperature and the
+    share of the test split marked unsure (after every choice is made; one more pass over the test split where the
+    score reads features)."""
+    cal, val = evaluate.fit_calibration(best, t.cfg, t.splits, t.device, t.world, small=t.cfg.dry_run)
+    figures: dict[str, Any] = {**cal.summary()}
+    if scores is not None:
+        calibrated = (scores.logits / cal.temperature).softmax(1)
+        figures.update(test_ece=calibrate.calibration_error(scores.probabilities, scores.labels),
+                       test_ece_calibrated=calibrate.calibration_error(calibrated, scores.labels))
+        if calibrate.needs(cal.method):  # the score reads features: one more pass
+            tested = evaluate.scores(best, t.cfg, test_split, t.device, t.world, features=True)
+            logits, taps = tested.logits, tested.features
+        else:
+            logits, taps = scores.logits, {}
+        figures["test_unsure"] = float((cal.score(logits, taps) > cal.threshold).double().mean())
+    figures.update(val)
+    return cal, figures
 
 
 def _compiled(model: nn.Module) -> nn.Module:

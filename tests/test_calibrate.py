@@ -1,0 +1,214 @@
+"""Calibrated probabilities and the unsure flag: the maths against oracles, a run that stores its calibration,
+and every output (Predictor, export, `fmnist predict`, `fmnist evaluate`) that applies it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist import calibrate, cli, data, evaluate, models, predict, runs
+
+# ---------------------------------------------------------------- the maths, against oracles
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_fit_temperature_recovers_the_temperature_the_logits_were_made_with(true_t):
+    """Labels drawn from softmax(z); the model reports z / T: fitting finds T again."""
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(20_000, 10, generator=g)
+    labels = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)
+    fitted = calibrate.fit_temperature(z / true_t, labels)
+    assert fitted == pytest.approx(1 / true_t, rel=0.04)
+    assert calibrate.fit_temperature(z, labels) == pytest.approx(1.0, rel=0.04)
+
+
+def test_calibration_error_matches_a_hand_computation():
+    # confidences 0.95, 0.95 (bin 14: one right -> accuracy 0.5, gap 0.45), 0.55 (bin 8: right, gap 0.45),
+    # 0.35 (bin 5: wrong, gap 0.35): ECE = (2 * 0.45 + 0.45 + 0.35) / 4 = 0.425
+    probs = torch.tensor([[0.95, 0.05, 0.0], [0.95, 0.05, 0.0], [0.25, 0.55, 0.20], [0.35, 0.33, 0.32]])
+    labels = torch.tensor([0, 1, 1, 2])
+    assert calibrate.calibration_error(probs, labels) == pytest.approx(0.425, abs=1e-6)
+    table = calibrate.reliability(probs, labels)
+    assert table["count"].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 2]
+    np.testing.assert_allclose(table["accuracy"][[5, 8, 14]], [0.0, 1.0, 0.5])
+
+
+def test_the_reliability_table_gives_the_library_s_calibration_error():
+    g = torch.Generator().manual_seed(1)
+    probs = (2 * torch.randn(3000, 10, generator=g)).softmax(1).clamp(max=0.999)
+    labels = torch.randint(0, 10, (3000,), generator=g)
+    t = calibrate.reliability(probs, labels)
+    gap = float(np.sum(np.abs(t["accuracy"] - t["confidence"]) * t["count"]) / t["count"].sum())
+    assert gap == pytest.approx(calibrate.calibration_error(probs, labels), abs=1e-5)
+
+
+def test_mahalanobis_score_equals_the_textbook_formula():
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(4000, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    y = torch.randint(0, 3, (4000,), generator=g)
+    stats = calibrate.fit_mahalanobis(f, y, 3)
+    means = torch.stack([f[y == c].mean(0) for c in range(3)]).double()
+    centred = f.double() - means[y]
+    cov = centred.t() @ centred / (len(f) - 3)
+    cov += calibrate.SHRINKAGE * cov.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    x = torch.randn(5, 12, generator=g).double()
+    want = torch.stack([((x - m) @ torch.linalg.inv(cov) * (x - m)).sum(1) for m in means], 1).amin(1)
+    torch.testing.assert_close(calibrate.mahalanobis_score(x.float(), stats.whiten, stats.centres), want.float(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_threshold_keeps_the_asked_share_and_fpr_counts_what_it_accepts():
+    scores = torch.arange(1000.0)
+    t = calibrate.threshold_for(scores)
+    assert float((scores <= t).double().mean()) == pytest.approx(0.95, abs=0.002)
+    assert calibrate.fpr_at_tpr(scores, torch.tensor([0.0, 10.0, 2000.0, 3000.0])) == 0.5
+    assert calibrate.auroc(scores, scores + 5000) == pytest.approx(1.0)  # far beyond [0, 1]: no sigmoid ties
+    assert calibrate.auroc(scores, scores) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name, kw", [("mlp", {"hidden": [16, 8]}), ("cnn", {"channels": [4, 8]}),
+                                      ("resnet", {"channels": [4, 8], "blocks": 1})])
+def test_taps_leave_the_logits_bit_identical(name, kw):
+    torch.manual_seed(0)
+    model = models.create(name, **kw).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        taps, logits = models.taps_and_logits(model, x, tta=True)
+        assert torch.equal(logits, models.tta_logits(model, x))
+        taps, logits = models.taps_and_logits(model, x)
+        assert torch.equal(logits, model(x))
+    assert set(taps) == set(calibrate.TAPS) and taps["pixels"].shape == (5, 784)
+    assert all(t.ndim == 2 and len(t) == 5 for t in taps.values())
+
+
+# ---------------------------------------------------------------- a run that stores its calibration
+
+
+@pytest.fixture(scope="module")
+def run(trained_run, tmp_path_factory) -> Path:
+    """A copy of the shared tiny run, for tests that change its files."""
+    out = tmp_path_factory.mktemp("calibrated") / "r"
+    shutil.copytree(trained_run, out)
+    return out
+
+
+def _test_images(run_dir: Path, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    cfg = runs.read_config(run_dir)
+    x, y = data.load_split(data.locate(cfg.data_dir), "test")
+    return x[:n], y[:n]
+
+
+def test_the_run_stores_its_calibration_and_predictor_applies_the_temperature(run):
+    ckpt = runs.load_checkpoint(run / "best.pt")
+    cal = calibrate.Calibration.from_dict(ckpt["calibration"])
+    summary = runs.read_summary(run)
+    assert summary["temperature"] == cal.temperature and cal.temperature != 1.0
+    assert summary["ood_method"] == cal.method and summary["ood_threshold"] == cal.threshold
+    for key in ("test_ece", "test_ece_calibrated", "val_ece", "val_ece_calibrated", "test_unsure"):
+        assert 0 <= summary[key] <= 1
+    model, _, _ = runs.load_model(run)
+    x, _ = _test_images(run)
+    with torch.no_grad():
+        logits = model(data.normalize(torch.from_numpy(x)).unsqueeze(1))
+    for source in (run, run / "best.pt"):  # a run directory and a bare checkpoint
+        got = predict.Predictor(source).probabilities(x)
+        np.testing.assert_allclose(got, (logits / cal.temperature).softmax(1).numpy(), atol=1e-6)
+        assert not np.allclose(got, logits.softmax(1).numpy(), atol=1e-4)
+
+
+def test_the_threshold_keeps_about_95_percent_of_validation(run):
+    model, cfg, ckpt = runs.load_model(run)
+    cal = runs.load_calibration(ckpt, run)
+    splits = evaluate.load_splits(cfg)
+    val = evaluate.scores(model, cfg, splits.val, torch.device("cpu"), features=True)
+    kept = float((cal.score(val.logits, val.features) <= cal.threshold).double().mean())
+    assert kept == pytest.approx(calibrate.VAL_KEPT, abs=0.011)  # 100 images: the quantile sits between two
+
+
+def test_the_exported_model_gives_the_predictor_s_calibrated_outputs(run):
+    pytest.importorskip("onnxruntime")
+    from fmnist import export
+
+    result = export.export(run, "onnx")
+    assert result["check"]["max_score_difference"] <= export.CHECK_TOLERANCE
+    x, _ = _test_images(run)
+    x = np.concatenate([x, np.full((2, 28, 28), 255, np.uint8)])  # and two that are no product
+    direct, exported = predict.Predictor(run), predict.Predictor(result["path"])
+    (p, s), (q, t) = direct.outputs(x), exported.outputs(x)
+    np.testing.assert_allclose(q, p, atol=1e-5)
+    np.testing.assert_allclose(t, s, rtol=1e-4, atol=1e-4)
+    assert exported.threshold == direct.threshold is not None
+    assert [direct.record(a, ood_score=b)["unsure"] for a, b in zip(p, s)] == \
+        [exported.record(a, ood_score=b)["unsure"] for a, b in zip(q, t)]
+
+
+def _with_threshold(run: Path, threshold: float) -> None:
+    ckpt = runs.load_checkpoint(run / "best.pt")
+    ckpt["calibration"]["threshold"] = threshold
+    runs.save_checkpoint(ckpt, run / "best.pt")
+
+
+def test_unsure_records_say_so_in_json_and_in_the_table(run, tmp_path, capsys):
+    from PIL import Image
+
+    x, _ = _test_images(run, 1)
+    product, solid = tmp_path / "product.png", tmp_path / "solid.png"
+    Image.fromarray(x[0]).save(product)
+    Image.new("RGB", (120, 90), (40, 160, 90)).save(solid)
+    p = predict.Predictor(run)
+    kept, refused = p.outputs(np.stack([predict.prepare(product)[0], predict.prepare(solid)[0]]))[1]
+    assert kept < refused  # the score ranks a flat green sheet as less of a product than a real image
+    _with_threshold(run, float((kept + refused) / 2))
+    try:
+        assert cli.main(["predict", str(run), str(product), str(solid), "--json", "--quiet"]) == 0
+        recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["unsure"] for r in recs] == [False, True]
+        assert all(isinstance(r["ood_score"], float) for r in recs)
+        assert cli.main(["predict", str(run), str(product), str(solid), "--quiet"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert "does not look like a Fashion-MNIST product" in table[2] and str(solid) in table[2]
+        assert "does not look" not in table[1] and recs[0]["label"] in table[1]
+    finally:
+        _with_threshold(run, runs.read_summary(run)["ood_threshold"])
+
+
+def test_fmnist_evaluate_reports_the_calibration(run, capsys):
+    assert cli.main(["evaluate", str(run), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    summary = runs.read_summary(run)
+    assert r["calibrated"] and r["temperature"] == summary["temperature"]
+    assert r["ece"] == pytest.approx(summary["test_ece"]) and r["ece_calibrated"] == pytest.approx(
+        summary["test_ece_calibrated"])
+    assert r["unsure"] == pytest.approx(summary["test_unsure"])
+    assert cli.main(["evaluate", str(run)]) == 0
+    assert f"temperature {summary['temperature']:.3f}" in capsys.readouterr().out
+
+
+def test_an_old_run_without_calibration_still_predicts_evaluates_and_plots(run, tmp_path, capsys):
+    from fmnist import report
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    ckpt = runs.load_checkpoint(old / "best.pt")
+    del ckpt["calibration"]
+    runs.save_checkpoint(ckpt, old / "best.pt")
+    summary = {k: v for k, v in runs.read_summary(old).items() if "ece" not in k and "ood" not in k
+               and k not in ("temperature", "test_unsure")}
+    runs.write_summary(old, summary)
+    x, _ = _test_images(old)
+    p = predict.Predictor(old)
+    assert p.threshold is None
+    model, _, _ = runs.load_model(old)
+    with torch.no_grad():
+        logits = model(data.normalize(torch.from_numpy(x)).unsqueeze(1))
+    np.testing.assert_allclose(p.probabilities(x), logits.softmax(1).numpy(), atol=1e-6)  # temperature 1
+    assert [r["unsure"] for r in p.predict(list(x[:3]))] == [False] * 3
+    assert cli.main(["evaluate", str(old)]) == 0
+    assert "calibration: none" in capsys.readouterr().out
+    drawn = report.draw(old, device="cpu")
+    assert (old / "plots" / "reliability.png") in drawn
