@@ -78,6 +78,7 @@ def test_compare_init_unknown_init_exit_2(tmp_path):
 # ---------------------------------------------------------------- tune
 
 
+@pytest.mark.slow  # several processes and a kill: run by CI's second pass (pytest -m slow)
 def test_tune_continues_a_study_and_best_config_reproduces(tiny_dir, tmp_path):
     db = f"sqlite:///{tmp_path / 't.db'}"
     args = ["tune", "--epochs", "2", "--study", "s", "--storage", db, "--out-dir", str(tmp_path / "out"),
@@ -178,6 +179,7 @@ def test_unreachable_storage_exit_2(tmp_path):
     assert_one_sentence(r, "cannot open the study storage", str(port))
 
 
+@pytest.mark.slow  # several processes and a kill: run by CI's second pass (pytest -m slow)
 def test_two_workers_in_parallel_share_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
     args = ["tune", "--trials", "2", "--epochs", "1", "--study", "s", "--storage", str(path),
@@ -227,6 +229,7 @@ def kill_mid_trial(storage, args: list[str], tmp_path: Path) -> None:
     assert retry.value == max(r["val_acc"] for r in after)
 
 
+@pytest.mark.slow  # several processes and a kill: run by CI's second pass (pytest -m slow)
 def test_killed_worker_on_a_journal(tiny_dir, tmp_path):
     path = tmp_path / "study.journal"
     args = ["tune", "--study", "s", "--storage", str(path), "--out-dir", str(tmp_path / "out"),
@@ -286,6 +289,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # several processes and a kill: run by CI's second pass (pytest -m slow)
 def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path):
     args = ["tune", "--trials", "2", "--epochs", "1", "--study", "par", "--storage", postgres_url,
             "--out-dir", str(tmp_path / "out"), "--data-dir", str(tiny_dir), *SMALL]
@@ -299,6 +303,7 @@ def test_two_workers_in_parallel_on_postgresql(postgres_url, tiny_dir, tmp_path)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2
 
 
+@pytest.mark.slow  # several processes and a kill: run by CI's second pass (pytest -m slow)
 def test_killed_worker_on_postgresql(postgres_url, tiny_dir, tmp_path):
     args = ["tune", "--study", "s", "--storage", postgres_url, "--out-dir", str(tmp_path / "out"),
             "--data-dir", str(tiny_dir), *SMALL]

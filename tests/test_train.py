@@ -112,6 +112,7 @@ def test_interrupted_between_checkpoint_and_history_resumes_exactly(tiny_dir, tm
     np.testing.assert_array_equal(a["neuron_50"], b["neuron_50"])
 
 
+@pytest.mark.slow  # several processes and a kill: run by CI's second pass (pytest -m slow)
 def test_killed_process_resumes_to_the_same_weights(tiny_dir, tmp_path):
     """SIGKILL a real `fmnist train` at an arbitrary moment, resume it, compare with an unbroken run."""
     args = ["--data-dir", str(tiny_dir), "--hidden", "64,16", "--epochs", "40", "--batch-size", "32",
