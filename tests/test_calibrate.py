@@ -212,3 +212,27 @@ def test_an_old_run_without_calibration_still_predicts_evaluates_and_plots(run, 
     assert "calibration: none" in capsys.readouterr().out
     drawn = report.draw(old, device="cpu")
     assert (old / "plots" / "reliability.png") in drawn
+
+
+def test_a_model_exported_before_calibration_still_predicts(trained_run, tmp_path):
+    """An export from before: one output (probabilities), no calibration in its metadata: never unsure."""
+    from fmnist import export
+
+    model, cfg, _ = runs.load_model(trained_run)
+
+    class ProbabilitiesOnly(torch.nn.Module):  # what PixelClassifier returned before it gave the score too
+        def __init__(self):
+            super().__init__()
+            self.inner = models.PixelClassifier(model)
+
+        def forward(self, pixels):
+            return self.inner(pixels)[0]
+
+    path = tmp_path / "old.torchscript"
+    export._write_torchscript(ProbabilitiesOnly().eval(), str(path), list(data.CLASSES), {"model": cfg.model})
+    p = predict.Predictor(path)
+    x, _ = _test_images(trained_run, 4)
+    probs, scores = p.outputs(x)
+    assert scores is None and probs.shape == (4, 10)
+    recs = p.predict(list(x))
+    assert [(r["unsure"], r["ood_score"]) for r in recs] == [(False, None)] * 4

@@ -146,13 +146,14 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
 
     The temperature on the validation logits; the Mahalanobis statistics of every tap on up to
     calibrate.TRAIN_FEATURES training images; each OOD score's threshold at calibrate.VAL_KEPT of the validation
-    images, and the score that marks most of calibrate.validation_ood unsure at its threshold (ties: the higher
-    AUROC). Returns it and the figures of the choice (for summary.json). `small`: a dry run's few images. Every
-    rank takes part; all get the same result.
+    images, and the score that marks most of calibrate.validation_ood (a tenth of the validation split's size per
+    kind, 10 to calibrate.VAL_OOD_PER_KIND) unsure at its threshold (ties: the higher AUROC). Returns it and the
+    figures of the choice (for summary.json). `small`: a dry run's few images. Every rank takes part; all get the
+    same result.
     """
     every, val = every_score(model, cfg, splits, device, world, small)
     temperature, stats = every.temperature, every.mahalanobis
-    sets = calibrate.validation_ood(20 if small else calibrate.VAL_OOD_PER_KIND, cfg.seed)
+    sets = calibrate.validation_ood(min(calibrate.VAL_OOD_PER_KIND, max(10, len(val.labels) // 10)), cfg.seed)
     ood = scores(model, cfg, unlabelled(np.concatenate(list(sets.values()))), device, world, features=True)
     real, other = ood_scores(every, val), ood_scores(every, ood)
     thresholds = {m: calibrate.threshold_for(real[m]) for m in calibrate.METHODS}
