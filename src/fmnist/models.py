@@ -266,11 +266,12 @@ class PixelClassifier(nn.Module):
     def __init__(self, model: nn.Module, tta: bool = False, calibration: calibrate.Calibration | None = None):
         super().__init__()
         self.model, self.tta = model, tta  # tta: as the run was validated and tested (its config's `tta`)
-        self.calibration = calibration or calibrate.Calibration()
-        self.taps = calibrate.needs(self.calibration.method)
-        for tap, stats in self.calibration.mahalanobis.items():  # buffers: they follow .to(device) and are
-            self.register_buffer(f"whiten_{tap}", stats.whiten.clone())  # constants in an export
-            self.register_buffer(f"centres_{tap}", stats.centres.clone())
+        cal = calibration or calibrate.Calibration()
+        self.taps = calibrate.needs(cal.method)
+        for tap in self.taps:  # the statistics as buffers: they follow .to(device) and are constants in an export
+            self.register_buffer(f"whiten_{tap}", cal.mahalanobis[tap].whiten.clone())
+            self.register_buffer(f"centres_{tap}", cal.mahalanobis[tap].centres.clone())
+        self.calibration = dataclasses.replace(cal, mahalanobis={})  # temperature, method, threshold, scales
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD  # (N, 1, 28, 28), as data.normalize
@@ -282,7 +283,7 @@ class PixelClassifier(nn.Module):
         logits = logits.float()
         cal = dataclasses.replace(self.calibration, mahalanobis={
             tap: calibrate.Mahalanobis(getattr(self, f"whiten_{tap}"), getattr(self, f"centres_{tap}"))
-            for tap in self.calibration.mahalanobis})
+            for tap in self.taps})
         t = cal.temperature
         return torch.softmax(logits / t if t != 1.0 else logits, dim=1), cal.score(logits, taps)
 
