@@ -292,9 +292,9 @@ class Held:
     def __init__(self, batcher: serve.Batcher):
         self.batcher, self.go = batcher, threading.Event()
 
-    async def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+    async def outputs(self, pixels: np.ndarray):
         await asyncio.to_thread(self.go.wait, 10)
-        return await self.batcher.probabilities(pixels)
+        return await self.batcher.outputs(pixels)
 
 
 def test_the_page_says_classifying_and_never_shows_a_stale_answer(page, live, shirt):

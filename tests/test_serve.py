@@ -262,12 +262,14 @@ def test_requests_waiting_together_share_one_model_call(trained_run):
     async def go():
         task = asyncio.create_task(batcher.run())
         await asyncio.sleep(0)  # the batcher starts and waits for work
-        results = await asyncio.gather(*[batcher.probabilities(x[i:i + 1]) for i in range(10)])
+        results = await asyncio.gather(*[batcher.outputs(x[i:i + 1]) for i in range(10)])
         task.cancel()
         return results
 
     results = asyncio.run(go())
-    np.testing.assert_allclose(np.concatenate(results), p.probabilities(x), atol=1e-6)
+    probs, scores = p.outputs(x)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in results]), probs, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), scores, rtol=1e-5)  # each its own score
     assert batcher.calls == 1 and batcher.images == 10  # all ten were waiting when the batcher woke: one call
 
 

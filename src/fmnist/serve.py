@@ -73,7 +73,7 @@ class Batcher:
                 size += len(waiting[-1][0])
             x = np.concatenate([pixels for pixels, _ in waiting])
             try:
-                probs = await asyncio.to_thread(self.predictor.probabilities, x)
+                probs, scores = await asyncio.to_thread(self.predictor.outputs, x)
             except Exception as e:  # a bug: every waiting request gets it as a 500
                 for _, future in waiting:
                     if not future.done():
@@ -84,10 +84,12 @@ class Batcher:
             start = 0
             for pixels, future in waiting:
                 if not future.done():  # its client may have gone
-                    future.set_result(probs[start:start + len(pixels)])
+                    part = slice(start, start + len(pixels))
+                    future.set_result((probs[part], None if scores is None else scores[part]))
                 start += len(pixels)
 
-    async def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+    async def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, out-of-distribution scores or None) of these images, as Predictor.outputs."""
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((pixels, future))
         return await future
@@ -193,10 +195,11 @@ def _prepare_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray,
 
 async def _classify(served: Served, batcher: Batcher, prepared: list[tuple[np.ndarray, str]],
                     names: list[str | None], top_k: int, with_input: bool) -> list[dict[str, Any]]:
-    probs = await batcher.probabilities(np.stack([p for p, _ in prepared]))
+    probs, scores = await batcher.outputs(np.stack([p for p, _ in prepared]))
     records = []
-    for name, (pixels, chosen), p in zip(names, prepared, probs):
-        rec = {"file": name, **served.predictor.record(p, top_k), "preprocess": chosen}
+    for i, (name, (pixels, chosen)) in enumerate(zip(names, prepared)):
+        score = None if scores is None else scores[i]
+        rec = {"file": name, **served.predictor.record(probs[i], top_k, score), "preprocess": chosen}
         if with_input:
             rec["input"] = _data_url(pixels)
         records.append(rec)
