@@ -252,7 +252,8 @@ def test_json_records_and_saved_inputs(run, tmp_path, capsys):
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(recs) == 40
     for rec, img in zip(recs, x):
-        assert set(rec) == {"file", "label", "index", "probability", "top", "preprocess", "input"}
+        assert set(rec) == {"file", "label", "index", "probability", "top", "preprocess", "input", "unsure",
+                            "ood_score"}
         assert rec["preprocess"] == "dataset" and len(rec["top"]) == 4
         probs = [t["probability"] for t in rec["top"]]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-5
@@ -342,8 +343,10 @@ def test_a_convnet_run_classifies_and_exports(tiny_dir, tmp_path):
     assert [r["file"] for r in predict.Predictor(run).predict(list(x))] == [None] * 6
     info = export.export(run)
     assert info["check"]["argmax_agree"] == info["check"]["images"] == 200
+    temperature = json.loads((run / "summary.json").read_text())["temperature"]  # calibrated on validation
     with torch.inference_mode():
-        direct = torch.softmax(train_model(run)(data.normalize(torch.from_numpy(x)).unsqueeze(1)), 1).numpy()
+        logits = train_model(run)(data.normalize(torch.from_numpy(x)).unsqueeze(1))
+        direct = torch.softmax(logits / temperature, 1).numpy()
     np.testing.assert_allclose(predict.Predictor(run / "model.onnx").probabilities(x), direct, atol=1e-5)
 
 
