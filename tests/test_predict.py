@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_fmnist, synthetic
-from photos import render, write_photos
+from photos import write_photos
 from PIL import Image
 
 from fmnist import cli, data, export, predict, preprocess, train
@@ -43,126 +43,6 @@ def _raw_png(width: int, height: int, rows: int | None = None, extra: bytes = b"
     body = b"".join(comp.compress(row) for _ in range(height if rows is None else rows)) + comp.flush()
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + extra
             + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-
-
-# ---------------------------------------------------------------- the photo pipeline
-
-def test_photo_trims_resizes_centres_and_negates():
-    """A dark 40x20 box off-centre on white becomes a 28x14 bright box centred on black, exactly."""
-    canvas = Image.new("RGB", (300, 200), (255, 255, 255))
-    canvas.paste((50, 50, 50), (200, 30, 240, 50))  # 40 wide, 20 high
-    pixels, chosen = preprocess.prepare(canvas)
-    assert chosen == "photo"
-    expected = np.zeros((28, 28), np.uint8)
-    expected[7:21, :] = 205  # (28 - 14) // 2 = 7; sharpening a flat box with repeated edges changes nothing
-    np.testing.assert_array_equal(pixels, expected)
-
-
-def test_photo_trim_ignores_background_within_five_percent_only():
-    rng = np.random.default_rng(0)
-    a = np.full((100, 100, 3), 240, np.int16) + rng.integers(-6, 7, (100, 100, 3))  # noise: within 5 %
-    a[40:60, 45:55] = 0
-    pixels = preprocess.photo(Image.fromarray(a.astype(np.uint8)))
-    assert (pixels[:, 14:] > 200).any() and pixels[0].max() > 200  # trimmed to the box: it fills the height
-    b = np.full((100, 100, 3), 240, np.uint8)
-    b[40:60, 45:55] = 0
-    b[:, 2] = 200  # a full-height line 40 levels off the corner colour (beyond 5 % of 255 * sqrt(3) = 22) is kept,
-    box_rows = (preprocess.photo(Image.fromarray(b)) > 200).any(axis=1).sum()
-    assert box_rows <= 8  # so the crop is 100 rows high and the 20-row box shrinks to about 6 of 28
-
-
-def test_sharpen_kernel_is_imagemagicks():
-    """ImageMagick's SharpenImage, radius 1 sigma 1, computed here from its definition: -G, centre 2*sum(G)."""
-    g = np.array([[np.exp(-(u * u + v * v) / 2.0) for u in (-1, 0, 1)] for v in (-1, 0, 1)])
-    k = -g
-    k[1, 1] = 2 * g.sum()
-    np.testing.assert_allclose(preprocess._SHARPEN, k / k.sum())
-    flat = np.full((5, 6, 3), 77.0)
-    np.testing.assert_allclose(preprocess._sharpen(flat), flat)
-    step = np.zeros((5, 6, 1))
-    step[:, 3:] = 100.0
-    out = preprocess._sharpen(step)[:, :, 0]
-    assert out[2, 2] < 0 and out[2, 3] > 100  # overshoot on both sides of an edge: sharper
-
-
-def test_transparency_is_composited_on_white():
-    rgba = Image.new("RGBA", (60, 80), (0, 0, 0, 0))
-    rgba.paste((30, 30, 30, 255), (10, 20, 40, 70))
-    rgb = Image.new("RGB", (60, 80), (255, 255, 255))
-    rgb.paste((30, 30, 30), (10, 20, 40, 70))
-    a, chosen = preprocess.prepare(_png(rgba))
-    b, _ = preprocess.prepare(_png(rgb))
-    assert chosen == "photo"
-    np.testing.assert_array_equal(a, b)
-    la = rgba.convert("LA")
-    np.testing.assert_array_equal(preprocess.prepare(la)[0], b)
-
-
-def test_exif_orientation_is_honoured():
-    im = Image.new("RGB", (90, 40), (255, 255, 255))
-    im.paste((0, 0, 0), (5, 5, 60, 20))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    out = io.BytesIO()
-    im.save(out, format="JPEG", quality=95, exif=exif.tobytes())
-    shown = im.transpose(Image.Transpose.ROTATE_270)  # what a viewer displays
-    plain = io.BytesIO()
-    shown.save(plain, format="JPEG", quality=95)
-    a = preprocess.prepare(out.getvalue())[0]
-    b = preprocess.prepare(plain.getvalue())[0]
-    assert np.abs(a.astype(int) - b).mean() < 3  # the same picture, up to JPEG noise
-    unrotated = preprocess.prepare(_png(im))[0]
-    assert np.abs(a.astype(int) - unrotated).mean() > 20
-
-
-def test_gif_first_frame_and_16_bit_and_palette_images():
-    tall = Image.new("L", (50, 50), 255)
-    tall.paste(0, (20, 0, 30, 50))
-    wide = Image.new("L", (50, 50), 255)
-    wide.paste(0, (0, 20, 50, 30))
-    out = io.BytesIO()
-    tall.save(out, format="GIF", save_all=True, append_images=[wide], duration=100, loop=0)
-    np.testing.assert_array_equal(preprocess.prepare(out.getvalue())[0], preprocess.prepare(tall)[0])
-    sixteen = Image.fromarray(np.asarray(tall).astype(np.uint16) * 257)
-    assert sixteen.mode.startswith("I")
-    np.testing.assert_array_equal(preprocess.prepare(_png(sixteen))[0], preprocess.prepare(tall)[0])
-    np.testing.assert_array_equal(preprocess.prepare(tall.convert("P"))[0], preprocess.prepare(tall)[0])
-    np.testing.assert_array_equal(preprocess.prepare(tall.convert("CMYK"))[0], preprocess.prepare(tall)[0])
-
-
-def test_auto_keeps_dataset_images_as_they_are():
-    x, _ = synthetic(5, 0)
-    for img in x:
-        pixels, chosen = preprocess.prepare(img)
-        assert chosen == "dataset"
-        np.testing.assert_array_equal(pixels, img)
-    big = Image.fromarray(x[0]).resize((56, 56), Image.Resampling.NEAREST)
-    pixels, chosen = preprocess.prepare(big)
-    assert chosen == "dataset"
-    np.testing.assert_array_equal(pixels, x[0])  # 2x2 boxes averaged back
-    forced, chosen = preprocess.prepare(x[0], "photo")
-    assert chosen == "photo" and not np.array_equal(forced, x[0])
-
-
-def test_extreme_shapes_still_give_28x28():
-    for size in ((1, 1), (1, 5000), (5000, 1), (3, 2)):
-        im = Image.new("RGB", size, (255, 255, 255))
-        for mode in ("photo", "dataset"):
-            pixels, _ = preprocess.prepare(im, mode)
-            assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
-
-
-def test_arrays_are_checked():
-    with pytest.raises(ImageError, match="shape"):
-        preprocess.prepare(np.zeros((28, 28, 2)))
-    with pytest.raises(ImageError, match="not finite"):
-        preprocess.prepare(np.full((28, 28), np.nan))
-    with pytest.raises(ImageError, match="0 to 255"):
-        preprocess.prepare(np.full((28, 28), 300.0))
-    with pytest.raises(ImageError, match="not an image"):
-        preprocess.prepare(np.zeros((28, 28), dtype=bool))
-    img = synthetic(1, 3)[0][0]
-    np.testing.assert_array_equal(preprocess.prepare(img.astype(np.float32))[0], img)
 
 
 # ---------------------------------------------------------------- hostile files
@@ -395,22 +275,6 @@ def test_photos_of_test_images_keep_the_accuracy(real_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     check = json.loads(r.stdout)["check"]
     assert check == {**check, "images": 1000, "argmax_agree": 1000} and check["max_difference"] <= 1e-4
-
-
-def test_render_makes_light_off_centre_photos():
-    img = synthetic(1, 0)[0][0]
-    raw, suffix = render(img, np.random.default_rng(3))
-    im = Image.open(io.BytesIO(raw))
-    assert min(im.size) >= 4 * 28 and not preprocess.looks_like_dataset(preprocess.open_image(raw))
-
-
-@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF"])
-def test_every_promised_format_gives_the_png_result(fmt):
-    im = Image.new("RGB", (90, 60), (250, 250, 250))
-    im.paste((40, 60, 80), (10, 15, 70, 50))
-    out = io.BytesIO()
-    im.save(out, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    np.testing.assert_array_equal(preprocess.prepare(out.getvalue())[0], preprocess.prepare(_png(im))[0])
 
 
 def test_the_names_callers_know_still_answer_from_predict():
