@@ -74,12 +74,15 @@ def test_threshold_keeps_the_asked_share_and_fpr_counts_what_it_accepts():
 @pytest.mark.parametrize("name, kw", [("mlp", {"hidden": [16, 8]}), ("cnn", {"channels": [4, 8]}),
                                       ("resnet", {"channels": [4, 8], "blocks": 1})])
 def test_taps_leave_the_logits_bit_identical(name, kw):
+    """The test split is evaluated with the features: its figures must stay those of the plain evaluation."""
     torch.manual_seed(0)
     model = models.create(name, **kw).eval()
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
-        taps, logits = models.taps_and_logits(model, x, tta=True)
-        assert torch.equal(logits, models.tta_logits(model, x))
+        for bf16 in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                taps, logits = models.taps_and_logits(model, x, tta=True)
+                assert torch.equal(logits, models.tta_logits(model, x))
         taps, logits = models.taps_and_logits(model, x)
         assert torch.equal(logits, model(x))
     assert set(taps) == set(calibrate.TAPS) and taps["pixels"].shape == (5, 784)

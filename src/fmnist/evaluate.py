@@ -196,13 +196,12 @@ def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = N
     splits = load_splits(cfg, data_dir)
     images = splits.test if split == "test" else splits.val
     with devices.cpu_share():
-        s = scores(model.to(dev), cfg, images, dev, probabilities=True)
-        # the score's features come from their own pass: the figures above stay those training reported
-        taps = scores(model, cfg, images, dev, features=True).features if calibrate.needs(cal.method) else {}
+        s = scores(model.to(dev), cfg, images, dev, probabilities=True, features=True)
     cm = s.confusion()
     per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
     calibrated = (s.logits / cal.temperature).softmax(1)
-    unsure = None if cal.threshold is None else float((cal.score(s.logits, taps) > cal.threshold).double().mean())
+    unsure = None if cal.threshold is None else float((cal.score(s.logits, s.features) > cal.threshold).double()
+                                                      .mean())
     return dict(checkpoint=str(path), split=split, images=len(s.labels), epoch=ckpt.get("epoch"),
                 accuracy=s.accuracy, loss=s.loss, per_class_accuracy=dict(zip(data.CLASSES, per_class)),
                 confusion_matrix=cm.tolist(), calibrated="calibration" in ckpt, temperature=cal.temperature,

@@ -211,22 +211,27 @@ def cnn(channels=(32, 64, 128), hidden=(), activation="gelu", dropout=0.0, batch
 
 def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Test-time augmentation, as airbench's: half the mean logits of the image and its mirror, half the same
-    for the image shifted 1 pixel up-left and 1 pixel down-right (edges repeated). x: (B, 1, 28, 28)."""
-    def mirrored(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (model(v) + model(v.flip(-1)))
+    for the image shifted 1 pixel up-left and 1 pixel down-right (edges repeated). x: (B, 1, 28, 28).
+    `model` may also give a tuple of tensors (taps_and_logits' features): each is averaged alike, in its dtype."""
+    def each(f, a, b):  # f on two tensors, or on each pair of two tuples' tensors
+        return tuple(f(p, q) for p, q in zip(a, b)) if isinstance(a, tuple) else f(a, b)
+
+    def mirrored(v: torch.Tensor):
+        return each(lambda p, q: 0.5 * (p + q), model(v), model(v.flip(-1)))
 
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    shifted = 0.5 * (mirrored(padded[..., 0:h, 0:w]) + mirrored(padded[..., 2:h + 2, 2:w + 2]))
-    return 0.5 * mirrored(x) + 0.5 * shifted
+    shifted = each(lambda p, q: 0.5 * (p + q), mirrored(padded[..., 0:h, 0:w]), mirrored(padded[..., 2:h + 2, 2:w + 2]))
+    return each(lambda p, q: 0.5 * p + 0.5 * q, mirrored(x), shifted)
 
 
 def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = calibrate.TAPS, tta: bool = False
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({tap: (B, D_tap)}, (B, classes) logits) of normalised images x (B, 1, 28, 28): the features the OOD scores
     read. Taps: "pixels" (the normalised input, flattened), "first" (the first activation's output, averaged over
-    space in a convnet), "penultimate" (what the last Linear layer takes). The logits are model(x)'s to the bit;
-    with `tta` every output is averaged over the views as tta_logits averages logits."""
+    space in a convnet), "penultimate" (what the last Linear layer takes). The logits are model(x)'s, and with
+    `tta` tta_logits(model, x)'s, to the bit (every output is averaged over the views the same way, in its own
+    dtype)."""
     net = getattr(model, "net", None)
     if not isinstance(net, nn.Sequential) or not isinstance(net[-1], nn.Linear):
         raise ModelError(f"{type(model).__name__} does not end in a Linear layer, so it has no penultimate "
@@ -234,9 +239,8 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
     acts = tuple(getattr(nn, a) for a in ACTIVATIONS.values())
     first = next((i for i, m in enumerate(net) if isinstance(m, acts)), 0)
     wanted = [t for t in calibrate.TAPS if t in taps]  # in the order the network reaches them
-    sizes: list[int] = []
 
-    def run(v: torch.Tensor) -> torch.Tensor:  # every tap and the logits side by side, (B, sum D + classes)
+    def run(v: torch.Tensor) -> tuple[torch.Tensor, ...]:  # every tap, then the logits
         outs = [v.flatten(1)] if "pixels" in wanted else []
         h = v
         for i, m in enumerate(net):
@@ -245,12 +249,10 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
             h = m(h)
             if i == first and "first" in wanted:
                 outs.append(h.mean((2, 3)) if h.ndim == 4 else h)
-        sizes[:] = [o.shape[1] for o in outs] + [h.shape[1]]
-        return torch.cat([*outs, h], 1) if outs else h
+        return (*outs, h)
 
     out = tta_logits(run, x) if tta else run(x)
-    parts = out.split(sizes, 1)
-    return dict(zip(wanted, parts[:-1])), parts[-1]
+    return dict(zip(wanted, out[:-1])), out[-1]
 
 
 class PixelClassifier(nn.Module):

@@ -578,9 +578,10 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
     scores = None
     if test:
         split = t.splits.test if not cfg.dry_run else tuple(s[:2048] for s in t.splits.test)
-        scores = evaluate.scores(best, cfg, split, t.device, world, probabilities=True)
+        # with the features the OOD score reads: the logits are the same to the bit (models.taps_and_logits)
+        scores = evaluate.scores(best, cfg, split, t.device, world, probabilities=True, features=True)
         figures = dict(test_accuracy=scores.accuracy, test_loss=scores.loss)
-    cal, cal_figures = calibrate_best(t, best, scores, split if test else None)
+    cal, cal_figures = calibrate_best(t, best, scores)
     history = t.history
     images_per_epoch = min(len(t.splits.train[1]), len(t.train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
@@ -606,25 +607,20 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
     return Run(t.run_dir, summary, history)
 
 
-def calibrate_best(t: Training, best: nn.Module, scores: evaluate.Scores | None, test_split: tuple | None
+def calibrate_best(t: Training, best: nn.Module, scores: evaluate.Scores | None
                    ) -> tuple[calibrate.Calibration, dict[str, Any]]:
     """best.pt's calibration, fitted on the training and validation splits (evaluate.fit_calibration), and its
     figures for summary.json: the temperature, the OOD score and threshold and how the scores compared on
-    validation; with the test's `scores`, the expected calibration error before and after the temperature and the
-    share of the test split marked unsure (after every choice is made; one more pass over the test split where the
-    score reads features)."""
+    validation; with the test's `scores` (logits and features), the expected calibration error before and after
+    the temperature and the share of the test split marked unsure (after every choice is made)."""
     cal, val = evaluate.fit_calibration(best, t.cfg, t.splits, t.device, t.world, small=t.cfg.dry_run)
     figures: dict[str, Any] = {**cal.summary()}
     if scores is not None:
-        calibrated = (scores.logits / cal.temperature).softmax(1)
-        figures.update(test_ece=calibrate.calibration_error(scores.probabilities, scores.labels),
-                       test_ece_calibrated=calibrate.calibration_error(calibrated, scores.labels))
-        if calibrate.needs(cal.method):  # the score reads features: one more pass
-            tested = evaluate.scores(best, t.cfg, test_split, t.device, t.world, features=True)
-            logits, taps = tested.logits, tested.features
-        else:
-            logits, taps = scores.logits, {}
-        figures["test_unsure"] = float((cal.score(logits, taps) > cal.threshold).double().mean())
+        figures.update(
+            test_ece=calibrate.calibration_error(scores.probabilities, scores.labels),
+            test_ece_calibrated=calibrate.calibration_error((scores.logits / cal.temperature).softmax(1),
+                                                            scores.labels),
+            test_unsure=float((cal.score(scores.logits, scores.features) > cal.threshold).double().mean()))
     figures.update(val)
     return cal, figures
 
