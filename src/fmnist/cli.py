@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "directories (searched recursively), or - for stdin")
     pr.add_argument("--top-k", type=int, default=3, help="classes to list per image (default: %(default)s)")
     pr.add_argument("--preprocess", choices=("auto", "photo", "dataset"), default="auto",
-                    help="photo: the dataset paper's pipeline for a product on a light background; dataset: "
-                         "an image already light-on-dark, only resized; auto: decide per image (default)")
+                    help="photo: find the product on its background (paper, uneven light, a shadow, a dark "
+                         "table), then the dataset paper's pipeline; dataset: a small light-on-dark image, only "
+                         "resized; auto: decide per image (default)")
     pr.add_argument("--save-inputs", metavar="DIR", help="write the 28x28 image each file became into DIR")
     pr.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
     pr.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help + "; a .pt only")
