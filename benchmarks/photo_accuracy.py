@@ -115,22 +115,21 @@ def cpu() -> str:
 
 def speed(repeats: int) -> None:
     """Decode + preprocess time per photo on one core (this process pinned to one CPU), for the sizes a phone
-    gives: its camera's JPEG (12 MP), one shared through a messenger (1600x1200) and one the page uploads."""
-    from fmnist import preprocess
+    gives: its camera's JPEG (12 MP), one shared through a messenger (1600x1200) and a smaller one. CPU time
+    (this thread's: what the work costs a core) and wall time (what it took, other jobs on that core included)."""
+    from fmnist import data, preprocess
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     rng = np.random.default_rng(0)
-    from fmnist import data
-
     x, _ = data.load_split(data.locate(), "test")
-    print(f"CPU: {cpu()}; one core; median over {repeats} photos each\n")
-    print("| photo | file | decode | preprocess | total |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"CPU: {cpu()}; one core; median over {repeats} photos each; load average {os.getloadavg()[0]:.1f}\n")
+    print("| photo | file | decode (CPU) | preprocess (CPU) | total CPU | total wall |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (width, height, quality) in {"phone camera 4032x3024 JPEG": (4032, 3024, 90),
                                            "shared 1600x1200 JPEG": (1600, 1200, 85),
                                            "1024x768 JPEG": (1024, 768, 85)}.items():
-        decode, prep, sizes = [], [], []
+        decode, prep, wall, sizes = [], [], [], []
         for i in range(repeats):
             im = photograph(x[i], CONDITIONS[i % len(CONDITIONS)], rng).resize((width, height), Image.BICUBIC)
             noisy = np.asarray(im, np.float32) + rng.normal(0, 3, (height, width, 3)).astype(np.float32)
@@ -138,15 +137,17 @@ def speed(repeats: int) -> None:
             Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=quality)
             raw = out.getvalue()
             sizes.append(len(raw))
-            t0 = time.perf_counter()
+            w0, t0 = time.perf_counter(), time.thread_time()
             opened = preprocess.open_image(raw)
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             preprocess.prepare(opened)
-            t2 = time.perf_counter()
+            t2, w2 = time.thread_time(), time.perf_counter()
             decode.append(t1 - t0)
             prep.append(t2 - t1)
-        d, p = statistics.median(decode) * 1e3, statistics.median(prep) * 1e3
-        print(f"| {name} | {statistics.median(sizes) / 2**20:.1f} MiB | {d:.1f} ms | {p:.1f} ms | {d + p:.1f} ms |")
+            wall.append(w2 - w0)
+        d, p, w = (statistics.median(v) * 1e3 for v in (decode, prep, wall))
+        print(f"| {name} | {statistics.median(sizes) / 2**20:.1f} MiB | {d:.1f} ms | {p:.1f} ms | {d + p:.1f} ms "
+              f"| {w:.1f} ms |")
 
 
 def main() -> None:

@@ -184,13 +184,13 @@ def photo(im: Image.Image) -> np.ndarray:
     wh, ww = den.shape
     ring, (u, v) = _ring(den)
     coef, sigma = _fit_surface(ring.astype(np.float64), u, v)
-    dev = den - _surface(coef, wh, ww)
+    surface = _surface(coef, wh, ww)
+    dev = den - surface
     beyond = max(CONTRAST, 4 * sigma)
     if dev[dev > beyond].sum() > -dev[dev < -beyond].sum():  # mostly lighter than its background: invert
-        g, den, coef = 255 - g, 255 - den, -coef
+        g, den, coef, surface = 255 - g, 255 - den, -coef, np.maximum(255 - surface, np.float32(1))
         coef[0] += 255
-    surface = _surface(coef, wh, ww)
-    flat = den * (255.0 / surface)  # (wh, ww): the background near 255
+    flat = den * (255.0 / surface)  # (wh, ww) float32: the background near 255
     dark = flat < 255.0 - max(CONTRAST, 4 * sigma * 255.0 / max(float(surface.mean()), 1.0))
     mask = _product(_without_shadow(flat, dark))
     if not mask.any():  # nothing darker than the background: a blank sheet
@@ -214,13 +214,17 @@ def photo(im: Image.Image) -> np.ndarray:
 
 
 def _ring(a: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """A third of the pixels of the outer RING of an (H, W) image: their values and places (u, v from -1 to 1)."""
+    """Every other row and third column of the outer RING of an (H, W) image (plenty for six coefficients):
+    the values and their places (u, v from -1 to 1 across the image)."""
     h, w = a.shape
     k = max(1, round(RING * min(h, w)))
-    inside = np.zeros((h, w), bool)
-    inside[k:h - k, k:w - k] = True
-    ys, xs = np.nonzero(~inside)
-    ys, xs = ys[::3], xs[::3]  # plenty for six coefficients, and three times faster
+    ys, xs = [], []
+    for rows, cols in ((np.arange(0, k), np.arange(0, w)), (np.arange(h - k, h), np.arange(0, w)),
+                       (np.arange(k, h - k), np.arange(0, k)), (np.arange(k, h - k), np.arange(w - k, w))):
+        yy, xx = np.meshgrid(rows[::2], cols[::3], indexing="ij")
+        ys.append(yy.ravel())
+        xs.append(xx.ravel())
+    ys, xs = np.concatenate(ys), np.concatenate(xs)
     return a[ys, xs], ((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1)
 
 
@@ -228,20 +232,26 @@ def _fit_surface(z: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarra
     """A quadratic surface through the border's values, each fit without the points far from the last (the
     product where it reaches the border): its six coefficients and the noise about it (a standard deviation)."""
     a = np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], axis=-1)
-    coef = np.array([float(np.median(z)), 0, 0, 0, 0, 0])  # start from a flat sheet at the border's median
+    coef = np.array([_median(z), 0, 0, 0, 0, 0])  # start from a flat sheet at the border's median
     r = z - coef[0]
-    sigma = 1.4826 * float(np.median(np.abs(r)))
+    sigma = 1.4826 * _median(np.abs(r))
     for _ in range(3):
         keep = np.abs(r) <= 3 * sigma + 2
         if keep.sum() < 12:
             break
-        try:  # least squares by the normal equations: a 6x6 system, without BLAS's thread pool
-            coef = np.linalg.solve(np.einsum("ni,nj->ij", a[keep], a[keep]), np.einsum("ni,n->i", a[keep], z[keep]))
+        try:  # least squares by the normal equations: a 6x6 system
+            ak = a[keep]
+            coef = np.linalg.solve(ak.T @ ak, ak.T @ z[keep])
         except np.linalg.LinAlgError:  # the points on one line: keep the last surface
             break
         r = z - a @ coef
-        sigma = 1.4826 * float(np.median(np.abs(r[keep])))
+        sigma = 1.4826 * _median(np.abs(r[keep]))
     return coef, sigma
+
+
+def _median(a: np.ndarray) -> float:
+    """The (upper) median, without np.median's checks: a tenth of its time on a thousand values."""
+    return float(np.partition(a, len(a) // 2)[len(a) // 2])
 
 
 def _surface(coef: np.ndarray, h: int, w: int, window: tuple | None = None) -> np.ndarray:
@@ -252,9 +262,9 @@ def _surface(coef: np.ndarray, h: int, w: int, window: tuple | None = None) -> n
     else:
         top, left, ch, cw, step = window
         ys, xs = top + (np.arange(ch) + 0.5) * step, left + (np.arange(cw) + 0.5) * step
-    u, v = (xs / w * 2 - 1)[None, :], (ys / h * 2 - 1)[:, None]
-    c = coef
-    return np.maximum(c[0] + c[1] * u + c[3] * u * u + (c[2] + c[4] * u) * v + c[5] * v * v, 1.0).astype(np.float32)
+    u, v = (xs / w * 2 - 1).astype(np.float32)[None, :], (ys / h * 2 - 1).astype(np.float32)[:, None]
+    c = coef.astype(np.float32)
+    return np.maximum(c[0] + c[1] * u + c[3] * u * u + (c[2] + c[4] * u) * v + c[5] * v * v, np.float32(1))
 
 
 def _without_shadow(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
