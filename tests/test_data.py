@@ -290,7 +290,8 @@ def test_every_epoch_and_rank_draws_from_its_own_seed():
 
 def _params(b: int = 1, **kw) -> data.PhotoParams:
     """Identity parameters for `b` images, with the named ones set (a number: the same for each image)."""
-    base = dict(angle=0.0, scale=1.0, grey0=0.0, grey1=0.0, direction=0.0, white=255.0, sigma=0.0)
+    base = dict(angle=0.0, scale=1.0, grey0=0.0, grey1=0.0, direction=0.0, white=255.0, sigma=0.0, shadow=0.0,
+                shadow_dx=0.0, shadow_dy=0.0)
     base.update(kw)
     return data.PhotoParams(**{k: torch.full((b,), float(v)) for k, v in base.items()})
 
@@ -334,7 +335,7 @@ def _bar_angle(img: torch.Tensor) -> float:
 def test_photo_turns_and_zooms_by_the_drawn_amounts():
     prm = data.photo_params(200, torch.Generator().manual_seed(0))
     flat = dataclasses.replace(prm, grey0=torch.zeros(200), grey1=torch.zeros(200), white=torch.full((200,), 255.0),
-                               sigma=torch.zeros(200))
+                               sigma=torch.zeros(200), shadow=torch.zeros(200))
     out = data.photo_apply(_bar(200), flat)
     measured = torch.tensor([_bar_angle(im) for im in out])
     drawn = torch.rad2deg(prm.angle)
@@ -367,11 +368,24 @@ def test_photo_noise_has_the_asked_standard_deviation():
     assert abs(out.std().item() - 5.0) < 0.06  # rounding adds 1/12 to the variance
 
 
+def test_photo_shadow_is_a_soft_copy_on_the_side_it_is_moved_to():
+    bar = _bar()  # rows 13-14, columns 6-21
+    out = data.photo_apply(bar, _params(shadow=0.4, shadow_dx=2, shadow_dy=0)).float()[0]
+    assert torch.equal(out[13:15, 6:22], torch.full((2, 16), 255.0))  # the product itself stays on top
+    right, left = out[12:16, 22:25], out[12:16, 2:6]
+    assert right.max() > 60 and right.max() <= 0.4 * 255 + 1  # a grey rim at most `shadow` bright ...
+    assert left.max() == 0 and out[:11].max() == 0 and out[17:].max() == 0  # ... only where it was moved
+    down = data.photo_apply(bar, _params(shadow=0.4, shadow_dx=0, shadow_dy=2)).float()[0]
+    assert down[15:17, 7:21].min() > 60 and down[10:13].max() == 0
+
+
 def test_photo_draws_stay_in_their_ranges():
     prm = data.photo_params(5000, torch.Generator().manual_seed(1))
     for v, lo, hi in [(prm.grey0, 0, data.PHOTO_GREY), (prm.grey1, 0, data.PHOTO_GREY),
                       (prm.white, data.PHOTO_WHITE, 255), (prm.sigma, 0, data.PHOTO_NOISE),
-                      (prm.direction, 0, 2 * math.pi)]:
+                      (prm.direction, 0, 2 * math.pi), (prm.shadow, 0, data.PHOTO_SHADOW),
+                      (prm.shadow_dx, -data.PHOTO_SHADOW_SHIFT, data.PHOTO_SHADOW_SHIFT),
+                      (prm.shadow_dy, -data.PHOTO_SHADOW_SHIFT, data.PHOTO_SHADOW_SHIFT)]:
         assert v.min() >= lo and v.max() <= hi
         assert v.min() < lo + 0.01 * (hi - lo) and v.max() > hi - 0.01 * (hi - lo)  # the whole range is used
 

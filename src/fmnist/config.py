@@ -125,8 +125,8 @@ class TrainConfig:
                         "int", ge=0, le=14)
     erase: float = _f(0.0, "augment: probability of random erasing (0 = off)", "float", ge=0, le=1)
     photo_aug: float = _f(0.0, "augment: probability of a photo-like perturbation: a grey or uneven background, "
-                               "lower contrast, pixel noise, a tilt of up to 10 degrees and a zoom in or out by up "
-                               "to a tenth (0 = off)", "float", ge=0, le=1)
+                               "lower contrast, pixel noise, a soft shadow beside the product, a tilt of up to 10 "
+                               "degrees and a zoom in or out by up to a tenth (0 = off)", "float", ge=0, le=1)
     val_size: int = _f(5000, "validation images held out of the training images", "int", ge=1)
     split_seed: int = _f(0, "seed of the train/validation split", "int", ge=0, le=SEED_MAX)
     data_dir: str = _f("", "directory with the four IDX files (default: search)", "str")

@@ -411,6 +411,8 @@ PHOTO_SCALE = 0.1  # relative zoom, either way (the product found a little too t
 PHOTO_GREY = 48.0  # most background level, at each of two opposite sides (grey paper, light falling off)
 PHOTO_WHITE = 200.0  # least level of a full-white product pixel (contrast lost to grey paper or a dull light)
 PHOTO_NOISE = 8.0  # most standard deviation of Gaussian pixel noise, in levels (sensor noise left by denoising)
+PHOTO_SHADOW = 0.4  # most strength of a soft copy of the product beside it, as a share of the product's level
+PHOTO_SHADOW_SHIFT = 2.0  # most offset of that copy in pixels, in x and in y (a drop shadow left as a grey rim)
 
 
 @dataclass(frozen=True)
@@ -424,26 +426,32 @@ class PhotoParams:
     direction: torch.Tensor  # radians: the gradient runs from grey0 to grey1 along this direction (x right, y down)
     white: torch.Tensor  # the level a 255 pixel becomes
     sigma: torch.Tensor  # noise standard deviation, in levels
+    shadow: torch.Tensor  # strength of the shadow: its level as a share of the product's
+    shadow_dx: torch.Tensor  # the shadow's offset in pixels, right ...
+    shadow_dy: torch.Tensor  # ... and down
 
     def select(self, k: torch.Tensor) -> PhotoParams:
         return PhotoParams(*(getattr(self, f)[k] for f in self.__dataclass_fields__))
 
 
 def photo_params(b: int, gen: torch.Generator, device: torch.device | str = "cpu") -> PhotoParams:
-    """Draw the parameters of `b` images, uniform in the PHOTO_ ranges: one (B, 7) draw from `gen`."""
-    u = torch.rand(b, 7, generator=gen, device=device)
+    """Draw the parameters of `b` images, uniform in the PHOTO_ ranges: one (B, 10) draw from `gen`."""
+    u = torch.rand(b, 10, generator=gen, device=device)
     return PhotoParams(angle=(2 * u[:, 0] - 1) * math.radians(PHOTO_ROTATE), scale=1 + (2 * u[:, 1] - 1) * PHOTO_SCALE,
                        grey0=u[:, 2] * PHOTO_GREY, grey1=u[:, 3] * PHOTO_GREY, direction=u[:, 4] * 2 * math.pi,
-                       white=PHOTO_WHITE + u[:, 5] * (255 - PHOTO_WHITE), sigma=u[:, 6] * PHOTO_NOISE)
+                       white=PHOTO_WHITE + u[:, 5] * (255 - PHOTO_WHITE), sigma=u[:, 6] * PHOTO_NOISE,
+                       shadow=u[:, 7] * PHOTO_SHADOW, shadow_dx=(2 * u[:, 8] - 1) * PHOTO_SHADOW_SHIFT,
+                       shadow_dy=(2 * u[:, 9] - 1) * PHOTO_SHADOW_SHIFT)
 
 
 def photo_apply(x: torch.Tensor, prm: PhotoParams, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Perturb every image of a uint8 batch (B, h, w) as `prm` says; uint8 out.
 
     In order: a turn and a zoom about the centre (one bilinear `grid_sample` for the batch with a matrix per
-    image, zero outside); the background lifted to a linear gradient from grey0 to grey1 and the product's
-    levels squeezed between it and `white`; `sigma` x `noise` (standard normal, (B, h, w)) added; rounded and
-    clipped to 0-255.
+    image, zero outside); a shadow (the turned product again, moved by (shadow_dx, shadow_dy), blurred 3x3 and
+    scaled by `shadow`) wherever it is brighter than the product; the background lifted to a linear gradient
+    from grey0 to grey1 and the product's levels squeezed between it and `white`; `sigma` x `noise` (standard
+    normal, (B, h, w)) added; rounded and clipped to 0-255.
     """
     b, h, w = x.shape
     dev = x.device
@@ -456,8 +464,13 @@ def photo_apply(x: torch.Tensor, prm: PhotoParams, noise: torch.Tensor | None = 
     cos = (torch.cos(prm.angle) / prm.scale)[:, None, None]
     sin = (torch.sin(prm.angle) / prm.scale)[:, None, None]
     grid = torch.stack([cos * xs - sin * ys, sin * xs + cos * ys], -1)  # (B, h, w, 2)
-    f = torch.nn.functional.grid_sample(x.float()[:, None].div_(255), grid, mode="bilinear",
-                                        padding_mode="zeros", align_corners=False)[:, 0]  # (B, h, w) in [0, 1]
+    # The shadow samples the same turn at points moved back by its offset, so it lands that far away.
+    back = torch.stack([prm.shadow_dx * 2 / w, prm.shadow_dy * 2 / h], -1)[:, None, None, :]  # (B, 1, 1, 2)
+    both = torch.nn.functional.grid_sample(x.float()[:, None].div_(255), torch.cat([grid, grid - back], 1),
+                                           mode="bilinear", padding_mode="zeros", align_corners=False)  # (B,1,2h,w)
+    f = both[:, 0, :h]  # (B, h, w) in [0, 1]
+    shadow = torch.nn.functional.avg_pool2d(both[:, :, h:], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+    f = torch.maximum(f, shadow.mul_(prm.shadow[:, None, None]))
     # The background: the position along `direction`, -1 to 1 across the image, as a fraction t in [0, 1].
     t = (xs * torch.cos(prm.direction)[:, None, None] + ys * torch.sin(prm.direction)[:, None, None])
     t = t.add_(1).mul_(0.5).clamp_(0, 1)  # (B, h, w)
