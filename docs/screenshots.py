@@ -2,7 +2,7 @@
 
     python docs/screenshots.py runs/default
 
-Classifies docs/examples/sneaker.jpg, then opens Explore at the run's default
+Clicks the example photo of a sneaker, then opens Explore at the run's default
 neuron, at its last epoch; writes docs/serve_classify.png and
 docs/serve_explore.png (1000x820); and docs/serve_phone.png: a pair of trousers
 drawn on a 390x844 touch screen with 2 device pixels per CSS pixel.
@@ -21,7 +21,6 @@ from playwright.sync_api import sync_playwright
 HERE = Path(__file__).resolve().parent
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PHOTO = HERE / "examples" / "sneaker.jpg"
 DONE = "document.querySelector('#result').dataset.state === 'done'"
 TROUSERS = [(0.36, 0.1), (0.64, 0.1), (0.7, 0.9), (0.55, 0.9), (0.5, 0.35), (0.45, 0.9), (0.3, 0.9)]  # one stroke
 NEURON_SHOWN = "document.querySelector('#neuron-canvas').dataset.neuron !== undefined"
@@ -29,7 +28,7 @@ NEURON_SHOWN = "document.querySelector('#neuron-canvas').dataset.neuron !== unde
 
 def classify(page, url: str) -> None:
     page.goto(url)
-    page.set_input_files("#file-input", str(PHOTO))
+    page.get_by_role("button", name="example photo: sneaker").click()  # the page's own example photos
     page.wait_for_function(DONE)
 
 
