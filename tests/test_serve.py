@@ -21,7 +21,7 @@ import pytest
 from conftest import synthetic
 from PIL import Image
 
-from fmnist import data, predict, serve
+from fmnist import calibrate, data, predict, serve
 
 LIMIT_MB = 1  # the server's body limit in these tests
 
@@ -66,6 +66,9 @@ def test_health_model_history_neurons_docs_and_page(client, trained_run):
     assert m["model"] == "mlp" and m["config"]["hidden"] == [32] and m["classes"] == list(data.CLASSES)
     assert m["parameters"] == 784 * 32 + 32 + 2 * 32 + 32 * 10 + 10  # Linear, BatchNorm (weight, bias), Linear
     assert 0 < m["validation_accuracy"] <= 1 and 0 < m["test_accuracy"] <= 1
+    cal = m["calibration"]  # what the page's line on calibrated probabilities reads
+    assert cal == predict.Predictor(trained_run).info["calibration"] and cal["temperature"] > 0
+    assert cal["ood_method"] in calibrate.METHODS and np.isfinite(cal["ood_threshold"])
     history = client.get("/history").json()
     assert [r["epoch"] for r in history] == [1, 2, 3]
     n = client.get("/neurons").json()
@@ -83,6 +86,22 @@ def test_health_model_history_neurons_docs_and_page(client, trained_run):
     for asset in ("/static/app.js", "/static/style.css"):
         assert client.get(asset).status_code == 200
     assert "http" not in client.get("/static/app.js").text.replace("https://", "").split("fetch(")[0]  # no CDN
+
+
+EXAMPLES = ["ankle-boot.png", "bag.png", "coat.png", "dress.png", "pullover.png", "sandal.png", "shirt.png",
+            "sneaker.jpg", "trouser.png", "tshirt.png"]  # one product photo per class, shipped in the package
+
+
+def test_the_example_photos_are_listed_and_each_is_served(client):
+    examples = client.get("/examples").json()
+    assert [e["file"] for e in examples] == EXAMPLES
+    assert examples[0]["name"] == "ankle boot" and examples[0]["url"] == "static/examples/ankle-boot.png"
+    for e in examples:
+        r = client.get("/" + e["url"])  # relative to the service's root, as the page asks for it
+        assert r.status_code == 200 and r.headers["content-type"].startswith("image/"), e
+        assert r.content == (serve.EXAMPLES / e["file"]).read_bytes()
+        assert Image.open(io.BytesIO(r.content)).size[0] > 28  # a photo, not a 28x28 input
+        assert client.post("/predict", files={"file": (e["file"], r.content)}).status_code == 200
 
 
 def test_predict_answers_what_the_cli_answers(client, trained_run, tmp_path):

@@ -6,8 +6,10 @@
 Endpoints: POST /predict (multipart, field `file`, one or several images),
 POST /predict/pixels (a 28x28 JSON array, what the page's drawing canvas sends),
 GET /health, GET /limits, GET /model, GET /history, GET /neurons,
-GET /neurons/{k}, the OpenAPI docs at /docs, and the page at / (plain HTML, CSS
-and JavaScript in static/, nothing fetched from elsewhere, every URL relative).
+GET /neurons/{k}, GET /examples (the product photos shipped in static/examples/,
+which the page offers to click), the OpenAPI docs at /docs, and the page at /
+(plain HTML, CSS and JavaScript in static/, nothing fetched from elsewhere,
+every URL relative).
 
 In FastAPI's own shape: the app's lifespan loads the run once (`load`: the
 Predictor over best.pt, the first layer's pictures, the tracked neurons, the
@@ -54,6 +56,7 @@ INLINE_BYTES = 32 * 2**10  # uploads up to this size are decoded on the event lo
 TOP_K = 3  # classes in an answer unless the request asks for another number
 TOP_K_MAX = 10  # every class of Fashion-MNIST
 STATIC = Path(__file__).parent / "static"
+EXAMPLES = STATIC / "examples"  # product photos to try, one per class: served as static/examples/<file>
 
 
 class Batcher:
@@ -248,7 +251,15 @@ async def model_info(served: ServedDep):
     return {"name": served.run_dir.name, "model": info["model"], "config": info["config"],
             "parameters": served.parameters, "epoch": served.epoch,
             "validation_accuracy": served.summary.get("best_val_accuracy"),
-            "test_accuracy": served.summary.get("test_accuracy"), "classes": list(served.predictor.classes)}
+            "test_accuracy": served.summary.get("test_accuracy"), "classes": list(served.predictor.classes),
+            "calibration": info.get("calibration")}
+
+
+@router.get("/examples", summary="The example photos to try: file name, what it shows, and its URL relative to "
+                                 "the service's root")
+async def examples():
+    return [{"file": f.name, "name": f.stem.replace("-", " "), "url": f"static/examples/{f.name}"}
+            for f in sorted(EXAMPLES.iterdir()) if f.suffix.lower() in (".png", ".jpg", ".jpeg")]
 
 
 @router.get("/history", summary="One row per epoch: loss, accuracy, learning rate")
