@@ -1,5 +1,6 @@
 """The page of `fmnist serve` in a real browser (Debian's Chromium driven by Playwright): keyboard only, on a
-phone, behind a path prefix, with a slow, failing or stopped server.
+phone, behind a path prefix, with a slow, failing or stopped server; the example photos, and an image that does
+not look like a product.
 
 The app runs in this process under uvicorn (`create_app` on a port of its own), so that a test can hold or break
 its model through `app.dependency_overrides`, and stop the server and start it again on the same port.
@@ -8,6 +9,8 @@ its model through `app.dependency_overrides`, and stop the server and start it a
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import io
 import os
 import shutil
@@ -30,6 +33,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PHONE = {"viewport": {"width": 390, "height": 844}, "has_touch": True, "is_mobile": True, "device_scale_factor": 2}
 DONE = "document.querySelector('#result').dataset.state === 'done'"
+UNSURE = "Does not look like a Fashion-MNIST product"
+EXAMPLES_SHOWN = ("[...document.querySelectorAll('#examples img')].length === 10 && "
+                  "[...document.querySelectorAll('#examples img')].every((i) => i.complete && i.naturalWidth)")
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -114,6 +120,11 @@ def shirt(tmp_path_factory) -> Path:
     return path
 
 
+def _shown(rec: dict) -> str:
+    """What the page says a record is: its class, or that the image does not look like a product."""
+    return UNSURE if rec["unsure"] else rec["label"]
+
+
 def _focused(page) -> str:
     return page.evaluate("document.activeElement.id")
 
@@ -155,6 +166,7 @@ def _keyboard_upload(page, server: Live, shirt: Path, tmp_path: Path, asked: lis
     page.on("filechooser", lambda chooser: None)  # file choosers are caught from now on, before any key is pressed
     page.goto(server.url + "/")
     page.wait_for_function("document.querySelector('#model-name').textContent !== ''")
+    page.wait_for_function(EXAMPLES_SHOWN)
     broken = page.evaluate("[...document.images].filter((i) => !i.hidden && !(i.complete && i.naturalWidth))"
                            ".map((i) => i.id)")
     assert broken == []  # no broken-image icon on first view
@@ -192,7 +204,7 @@ def _keyboard_upload(page, server: Live, shirt: Path, tmp_path: Path, asked: lis
     assert "big.png is 1.5 MiB; this server takes files up to 1.0 MiB" in page.text_content("#error")
     assert len([r for r in asked if "/predict" in r]) == posts  # said at once, from GET limits, nothing sent
 
-    _tab_to(page, "clear")
+    _tab_to(page, "clear", presses=16)  # past the ten example photos
     page.keyboard.press("Enter")
     assert page.get_attribute("#result", "data-state") == "empty" and not page.is_visible("#error")
 
@@ -272,6 +284,12 @@ def test_a_phone_390_wide_never_scrolls_sideways_and_draws_sharp_charts(browser,
     assert page.evaluate(fits)
     canvas, label = page.locator("#draw").bounding_box(), page.locator("#result-label").bounding_box()
     assert label["y"] + label["height"] <= 844 and label["y"] - (canvas["y"] + canvas["height"]) < 200  # in view
+    page.evaluate("scrollTo(0, 0)")
+    with page.expect_response(lambda r: "/predict?" in r.url) as answered:
+        page.get_by_role("button", name="example photo: bag").tap()  # the photos sit above the pad, the answer below
+    page.wait_for_function(f"document.querySelector('#result-label').textContent === {_shown(answered.value.json())!r}")
+    label = page.locator("#result-label").bounding_box()
+    assert 0 <= label["y"] and label["y"] + label["height"] <= 844 and page.evaluate(fits)  # scrolled into view
 
     page.click("#tab-explore")
     page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'")
@@ -375,7 +393,7 @@ def test_the_page_classifies_an_upload_and_a_drawing_and_shows_neurons(page, liv
         _draw(page)
     rec = drawn.value.json()
     assert drawn.value.status == 200 and rec["preprocess"] == "dataset"
-    page.wait_for_function(f"document.querySelector('#result-label').textContent === {rec['label']!r}")
+    page.wait_for_function(f"document.querySelector('#result-label').textContent === {_shown(rec)!r}")
 
     page.click("#tab-explore")
     page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
@@ -389,3 +407,75 @@ def test_the_page_classifies_an_upload_and_a_drawing_and_shows_neurons(page, liv
     assert not page.is_visible("#epoch-slider")  # an untracked neuron: its final weights only
     assert page.locator("#facts dt").count() == 5
     assert not failed, failed
+
+
+def _never_unsure(live: Live) -> None:
+    """Serve the run as if it had no out-of-distribution threshold (the tiny run, trained on bars over noise,
+    finds every real photo unlike its products): every answer is a class."""
+    served = live.app.state.served
+    predictor = copy.copy(served.predictor)
+    predictor.threshold = None
+    live.app.dependency_overrides[serve.get_served] = lambda: dataclasses.replace(served, predictor=predictor)
+
+
+def test_an_example_photo_is_classified_as_an_upload_of_it_is_by_mouse_and_keyboard(page, live):
+    _never_unsure(live)
+    photos = {name: (serve.EXAMPLES / name).read_bytes() for name in ("sneaker.jpg", "bag.png")}
+    expected = {name: httpx.post(live.url + "/predict", files={"file": (name, raw)}, params={"top_k": 5}).json()
+                for name, raw in photos.items()}
+    assert not any(rec["unsure"] for rec in expected.values())
+    page.goto(live.url + "/")
+    page.wait_for_function(EXAMPLES_SHOWN)  # ten thumbnails, every one loaded
+    sneaker = page.get_by_role("button", name="example photo: sneaker")
+    with page.expect_response(lambda r: "/predict?" in r.url) as answered:
+        sneaker.click()
+    rec = expected["sneaker.jpg"]
+    got = answered.value.json()  # the photo itself, sent as an upload of it is: the same file, the same record
+    assert got.pop("input").startswith("data:image/png;base64,") and got == rec
+    page.wait_for_function(DONE)
+    assert page.text_content("#result-label") == rec["label"]
+    assert page.get_attribute("#result", "data-unsure") == "false"
+    assert page.text_content("#result-prob") == f"{rec['probability'] * 100:.1f} % (calibrated)"
+    assert [t["label"] for t in rec["top"]] == page.locator("#bars .barrow > span:first-child").all_text_contents()
+    assert "(photo preprocessing)" in page.text_content("#input-note") and page.is_visible("#input-img")
+
+    page.focus("#examples button >> nth=1")  # bag.png, second in the list
+    assert page.get_attribute("#examples button >> nth=1", "title") == "bag"
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"document.querySelector('#result-label').textContent === {expected['bag.png']['label']!r}"
+                           " && document.querySelector('#result').dataset.state === 'done'")
+    assert _focused(page) == "" and page.evaluate("document.activeElement.title") == "bag"  # focus stays put
+
+
+def test_an_image_unlike_any_product_is_said_plainly_with_the_guess_muted(page, live, shirt, tmp_path):
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(_png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)))
+    rec = httpx.post(live.url + "/predict", files={"file": ("noise.png", noise.read_bytes())}).json()
+    assert rec["unsure"] is True  # the calibrated run says so, before the page is asked
+    model = httpx.get(live.url + "/model").json()
+    page.goto(live.url + "/")
+    page.wait_for_function("!document.querySelector('#calibration-note').hidden")
+    t = model["calibration"]["temperature"]
+    temperature = f"{float(f'{t:.3g}'):g}"  # 3 significant digits, as the page writes it
+    note = page.text_content("#calibration-note")
+    assert f"calibrated (temperature {temperature})" in note and model["calibration"]["ood_method"] in note
+
+    page.set_input_files("#file-input", str(noise))
+    page.wait_for_function(DONE)
+    assert page.text_content("#result-label") == UNSURE and page.get_attribute("#result", "data-unsure") == "true"
+    said = page.text_content("#result")  # the live region: what a screen reader announces
+    assert page.get_attribute("#result", "aria-live") == "polite" and UNSURE in said
+    assert f"guess {rec['label']} ({rec['probability'] * 100:.1f} %)" in page.text_content("#result-note")
+    assert rec["label"] not in page.text_content("#result-label")  # the class is not given as the answer
+    assert "guess" in page.text_content("#bars-title") and "guess" in page.get_attribute("#bars", "class")
+    unsure_look = page.evaluate("[getComputedStyle(document.querySelector('#result')).borderLeftWidth, "
+                                "getComputedStyle(document.querySelector('#bars .fill')).backgroundColor]")
+
+    page.set_input_files("#file-input", str(shirt))  # an image like the training products: a plain answer again
+    page.wait_for_function("document.querySelector('#result').dataset.unsure === 'false' && "
+                           "document.querySelector('#result').dataset.state === 'done'")
+    assert page.text_content("#result-label") != UNSURE and not page.is_visible("#result-note")
+    assert "guess" not in page.text_content("#bars-title") and "guess" not in page.get_attribute("#bars", "class")
+    sure_look = page.evaluate("[getComputedStyle(document.querySelector('#result')).borderLeftWidth, "
+                              "getComputedStyle(document.querySelector('#bars .fill')).backgroundColor]")
+    assert unsure_look[0] != sure_look[0] and unsure_look[1] != sure_look[1]  # styled apart, bars muted

@@ -6,6 +6,7 @@
 const $ = (sel) => document.querySelector(sel);
 const BARS = 5;  // the page shows the five likeliest classes (fewer if the API allows fewer)
 const RETRY_MS = 2000;  // how soon the page asks again a server that stopped answering
+const UNSURE = "Does not look like a Fashion-MNIST product";  // what the page says of a record with unsure: true
 
 // ------------------------------------------------------------------ talking to the server
 
@@ -77,15 +78,20 @@ function fit(canvas) {
 
 let asked = 0;  // the latest classification asked for: an older answer that arrives late is dropped
 
-function setResult(state, label, prob) {
+// state: "empty", "waiting", "done" (an answer came) or "failed"; unsure: the answer is "does not look like one"
+function setResult(state, label, prob, note = "", unsure = false) {
   $("#result").dataset.state = state;
+  $("#result").dataset.unsure = String(unsure);
   $("#result-label").textContent = label;
   $("#result-prob").textContent = prob;
+  $("#result-note").textContent = note;
+  $("#result-note").hidden = !note;
 }
 
 function resetResult() {
   setResult("empty", "–", "nothing classified yet");
   $("#bars").replaceChildren();
+  $("#bars-title").hidden = true;
   $("#input-img").hidden = true;
   $("#input-img").removeAttribute("src");
   $("#input-empty").hidden = false;
@@ -93,16 +99,35 @@ function resetResult() {
   $("#error").hidden = true;
 }
 
+function failed(prob, message) {  // no answer: nothing of the last one stays beside the message
+  resetResult();
+  setResult("failed", "–", prob);
+  $("#error").textContent = message;
+  $("#error").hidden = false;
+  $("#error").scrollIntoView({ block: "nearest" });
+}
+
+// A record of POST predict: its class and calibrated probability, or, where the record is unsure (the image is
+// far from every product the model was trained on), that it is not one, with the class only as a muted guess.
 function showResult(rec) {
   $("#error").hidden = true;
   const pct = (p) => `${(p * 100).toFixed(1)} %`;
-  setResult("done", rec.label, pct(rec.probability));
+  if (rec.unsure === true) {
+    setResult("done", UNSURE, "", `If it had to choose, the model would guess ${rec.label} ` +
+      `(${pct(rec.probability)}), but this image is unlike the products it was trained on.`, true);
+  } else {
+    setResult("done", rec.label, `${pct(rec.probability)} (calibrated)`);
+  }
+  $("#bars-title").textContent = rec.unsure === true ? "The model's guess, calibrated probabilities:" :
+    "Calibrated probabilities:";
+  $("#bars-title").hidden = false;
   $("#input-img").src = rec.input;
   $("#input-img").hidden = false;
   $("#input-empty").hidden = true;
   $("#input-note").textContent = `The 28x28 image the model classified (${rec.preprocess} preprocessing).`;
   const bars = $("#bars");
   bars.classList.remove("stale");
+  bars.classList.toggle("guess", rec.unsure === true);
   bars.replaceChildren();
   for (const t of rec.top) {
     const row = document.createElement("div");
@@ -114,6 +139,8 @@ function showResult(rec) {
     row.children[2].textContent = pct(t.probability);
     bars.appendChild(row);
   }
+  // On a phone the answer is below the photos and the pad: scrolled into view (a screen showing it stays put).
+  $("#result").scrollIntoView({ block: "nearest" });
 }
 
 async function classify(url, options) {
@@ -126,12 +153,21 @@ async function classify(url, options) {
     const rec = await api(`${url}?top_k=${Math.min(BARS, top_k.max)}&input=true`, options);
     if (ask === asked) showResult(rec);
   } catch (err) {
-    if (ask !== asked) return;
-    resetResult();
-    setResult("failed", "–", "no answer");
-    $("#error").textContent = err.message;
-    $("#error").hidden = false;
+    if (ask === asked) failed("no answer", err.message);
   }
+}
+
+// What the probabilities mean, from GET model: the run's temperature and out-of-distribution score.
+function showCalibration(model) {
+  const c = model.calibration;
+  if (!c) return;  // a model that does not describe itself
+  $("#calibration-note").textContent = c.ood_threshold == null ?
+    "This run was trained before fmnist calibrated: its probabilities are the model's own, and no image is " +
+    "called unsure." :
+    `Probabilities are calibrated (temperature ${Number(c.temperature.toPrecision(3))}): an answer given 90 % ` +
+    "is right about 90 % of the time. An image whose out-of-distribution score " +
+    `(${c.ood_method}) passes the run's threshold is called unsure.`;
+  $("#calibration-note").hidden = false;
 }
 
 // ------------------------------------------------------------------ a file: chosen (button or keyboard) or dropped
@@ -142,10 +178,7 @@ async function classifyFile(file) {
   if (most !== null && file.size > most) {
     const mib = (n) => `${(n / 2 ** 20).toFixed(1)} MiB`;
     ++asked;
-    resetResult();
-    setResult("failed", "–", "not sent");
-    $("#error").textContent = `${file.name} is ${mib(file.size)}; this server takes files up to ${mib(most)}.`;
-    $("#error").hidden = false;
+    failed("not sent", `${file.name} is ${mib(file.size)}; this server takes files up to ${mib(most)}.`);
     return;
   }
   const form = new FormData();
@@ -167,6 +200,46 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   if (e.dataTransfer.files[0]) classifyFile(e.dataTransfer.files[0]);
 });
+
+// ------------------------------------------------------------------ example photos: classified as an upload is
+
+async function classifyExample(example) {
+  const ask = ++asked;
+  let file;
+  try {
+    const response = await fetch(example.url);
+    if (!response.ok) throw new Error(`The example ${example.file} could not be fetched (${response.status}).`);
+    const blob = await response.blob();
+    file = new File([blob], example.file, { type: blob.type });
+  } catch (err) {
+    if (ask === asked) {
+      failed("no answer", err instanceof TypeError ?
+        "The server is not answering: it may have stopped, or the network is down." : err.message);
+    }
+    return;
+  }
+  if (ask === asked) classifyFile(file);  // the same path as a chosen or dropped file
+}
+
+async function loadExamples() {
+  const examples = await api("examples");
+  const box = $("#examples");
+  box.replaceChildren();
+  for (const example of examples) {
+    const button = document.createElement("button");
+    const img = document.createElement("img");
+    button.type = "button";
+    button.className = "example";
+    button.title = example.name;
+    img.src = example.url;
+    img.alt = `example photo: ${example.name}`;  // the button's accessible name
+    img.addEventListener("error", () => { button.hidden = true; });  // no broken image
+    button.appendChild(img);
+    button.addEventListener("click", () => classifyExample(example));
+    box.appendChild(button);
+  }
+  $("#examples-box").hidden = examples.length === 0;
+}
 
 // ------------------------------------------------------------------ drawing: mouse, pen or finger
 
@@ -465,3 +538,5 @@ window.addEventListener("resize", () => {  // a phone turned, a window resized: 
 fitPad();
 api("health").then((h) => { $("#model-name").textContent = `${h.model} (${h.backend})`; }).catch(() => {});
 getLimits().catch(() => {});  // asked again when a classification needs them
+api("model").then(showCalibration).catch(() => {});
+loadExamples().catch(() => {});  // no server, no examples: the upload and the pad still say why
