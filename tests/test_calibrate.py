@@ -4,6 +4,7 @@ and every output (Predictor, export, `fmnist predict`, `fmnist evaluate`) that a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,55 @@ def test_threshold_keeps_the_asked_share_and_fpr_counts_what_it_accepts():
     assert calibrate.fpr_at_tpr(scores, torch.tensor([0.0, 10.0, 2000.0, 3000.0])) == 0.5
     assert calibrate.auroc(scores, scores + 5000) == pytest.approx(1.0)  # far beyond [0, 1]: no sigmoid ties
     assert calibrate.auroc(scores, scores) == pytest.approx(0.5)
+
+
+def test_tail_score_is_the_share_of_real_scores_at_least_as_high():
+    """Against oracles: the exact share on evenly spaced scores, the empirical share on a large normal sample."""
+    even = torch.arange(1001.0)  # quantiles at 0, 1, ..., 1000 when K = 1001: the share above s is (1000 - s) / 1001
+    table = calibrate.fit_tail(even, points=1001)
+    s = torch.tensor([0.0, 250.0, 900.5, 1000.0])
+    torch.testing.assert_close(calibrate.tail_score(s, table), -torch.log((1001 - s) / 1001), rtol=1e-5, atol=1e-5)
+    # above the highest: the top's score plus the excess in units of (highest - median) = 500
+    torch.testing.assert_close(calibrate.tail_score(torch.tensor([1250.0]), table),
+                               torch.tensor([math.log(1001) + 0.5]), rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(200_000, generator=g)
+    table = calibrate.fit_tail(real)
+    k = calibrate.TAIL_POINTS
+    for q in (0.5, 0.9, 0.99):  # the share read from K quantiles: 1 at the lowest, 1 / K at the highest
+        x = torch.quantile(real, q)
+        assert float(calibrate.tail_score(x[None], table)) == pytest.approx(-math.log(1 - q * (k - 1) / k), rel=0.01)
+    far = torch.sort(10 * torch.randn(500, generator=g)).values  # the score never falls as the part grows
+    assert bool((calibrate.tail_score(far, table).diff() >= 0).all())
+
+
+def _tails_entry() -> dict:
+    g = torch.Generator().manual_seed(4)
+    stats = {t: calibrate.fit_mahalanobis(torch.randn(300, 6, generator=g), torch.randint(0, 3, (300,), generator=g), 3)
+             for t in ("pixels", "first")}
+    tails = {p: calibrate.fit_tail(torch.randn(400, generator=g).exp()) for p in calibrate.COMBINED}
+    return calibrate.Calibration(1.3, "tails", 2.5, stats, {}, tails).to_dict()
+
+
+def test_a_tails_calibration_round_trips_and_a_damaged_one_is_refused():
+    entry = _tails_entry()
+    cal = calibrate.Calibration.from_dict(entry)
+    g = torch.Generator().manual_seed(5)
+    logits, taps = torch.randn(7, 3, generator=g), {t: torch.randn(7, 6, generator=g) for t in ("pixels", "first")}
+    parts = [calibrate.energy_score(logits), cal.mahalanobis_part("pixels", taps), cal.mahalanobis_part("first", taps)]
+    want = torch.stack([calibrate.tail_score(v, entry["tails"][p]) for p, v in zip(calibrate.COMBINED, parts)]).amax(0)
+    torch.testing.assert_close(cal.score(logits, taps), want)
+    for damage in (lambda t: t.flip(0), lambda t: t[:1], lambda t: torch.full_like(t, float("nan")), lambda t: None):
+        bad = {**entry, "tails": {**entry["tails"], "first": damage(entry["tails"]["first"])}}
+        with pytest.raises(ValueError, match="first part"):
+            calibrate.Calibration.from_dict(bad)
+
+
+def test_a_combined_entry_written_before_the_tails_score_still_loads():
+    old = {k: v for k, v in _tails_entry().items() if k != "tails"}
+    old.update(method="combined", scale={"energy": [-8.0, 2.0], "pixels": [700.0, 300.0], "first": [200.0, 90.0]})
+    cal = calibrate.Calibration.from_dict(old)
+    assert cal.method == "combined" and cal.tails == {} and cal.scale["pixels"] == (700.0, 300.0)
 
 
 @pytest.mark.parametrize("name, kw", [("mlp", {"hidden": [16, 8]}), ("cnn", {"channels": [4, 8]}),
@@ -150,6 +200,31 @@ def test_the_exported_model_gives_the_predictor_s_calibrated_outputs(run):
         [exported.record(a, ood_score=b)["unsure"] for a, b in zip(q, t)]
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_computes_the_tails_score(run, tmp_path, fmt):
+    """The run's calibration replaced by a tails one (fitted as training fits it): the export's check passes and
+    its scores are PyTorch's."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from fmnist import export
+
+    tails = tmp_path / "tails"
+    shutil.copytree(run, tails)
+    model, cfg, ckpt = runs.load_model(tails)
+    every, val = evaluate.every_score(model, cfg, evaluate.load_splits(cfg), torch.device("cpu"), small=True)
+    threshold = calibrate.threshold_for(every.score(val.logits, val.features, "tails"))
+    cal = calibrate.Calibration(every.temperature, "tails", threshold,
+                                {t: every.mahalanobis[t] for t in calibrate.needs("tails")}, {}, every.tails)
+    runs.save_checkpoint({**ckpt, "calibration": cal.to_dict()}, tails / "best.pt")
+    result = export.export(tails, fmt)
+    assert result["check"]["max_score_difference"] <= export.CHECK_TOLERANCE
+    x, _ = _test_images(tails)
+    (p, s), (q, t) = predict.Predictor(tails).outputs(x), predict.Predictor(result["path"]).outputs(x)
+    np.testing.assert_allclose(q, p, atol=1e-5)
+    np.testing.assert_allclose(t, s, rtol=1e-4, atol=1e-4)
+    assert len(np.unique(s)) > len(s) // 2  # a real spread of scores, not one constant
+
+
 def _with_threshold(run: Path, threshold: float) -> None:
     ckpt = runs.load_checkpoint(run / "best.pt")
     ckpt["calibration"]["threshold"] = threshold
@@ -175,6 +250,7 @@ def test_unsure_records_say_so_in_json_and_in_the_table(run, tmp_path, capsys):
         assert cli.main(["predict", str(run), str(product), str(solid), "--quiet"]) == 0
         table = capsys.readouterr().out.splitlines()
         assert "does not look like a Fashion-MNIST product" in table[2] and str(solid) in table[2]
+        assert f"its guess: {recs[1]['label']} {recs[1]['probability']:.2f}" in table[2]  # the guess, labelled so
         assert "does not look" not in table[1] and recs[0]["label"] in table[1]
     finally:
         _with_threshold(run, runs.read_summary(run)["ood_threshold"])

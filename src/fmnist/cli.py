@@ -303,7 +303,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  error: {rec['error']}")
             continue
         if rec.get("unsure"):  # no confident class for what the model does not know
-            print(f"{name:<{width}}  does not look like a Fashion-MNIST product")
+            print(f"{name:<{width}}  {'unsure':<12} {'':>6}  does not look like a Fashion-MNIST product "
+                  f"(its guess: {rec['label']} {rec['probability']:.2f})")
             continue
         others = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in rec["top"][1:])
         print(f"{name:<{width}}  {rec['label']:<12} {rec['probability']:>6.3f}  {others}")
