@@ -18,8 +18,9 @@ preprocessing (`--preprocess auto`) as `fmnist predict` would see the file:
 and measures, against the raw 28x28 test split (the positives): AUROC and the
 false-positive rate at 95 % true-positive rate (FPR95: the share of a set
 accepted as products when 95 % of real test images are) for each score
-(max-softmax, energy, Mahalanobis), the share of each set marked unsure by
-`fmnist predict` (the run's own score and threshold, through Predictor), and
+(calibrate.METHODS: max-softmax, energy, Mahalanobis, combined, tails), the
+share of each set marked unsure by `fmnist predict` (the run's own score and
+threshold, through Predictor), and
 the expected calibration error on the test split before and after the run's
 temperature. Only the scores' comparison is fitted here (the Mahalanobis
 statistics, as the run fits them); the run's threshold was chosen on the
@@ -182,8 +183,8 @@ def main() -> None:
           f"of {len(products)} test products rendered as photos; {result['all_images_unsure']:.1%} of all "
           f"{sum(len(v) for v in sets.values()):,} non-product images ({result['mean_of_sets_unsure']:.1%} as "
           "the mean of the sets)\n")
-    print("| set | images | AUROC msp / energy / mahalanobis / combined | FPR95 msp / energy / mahalanobis / "
-          "combined | unsure |")
+    names = " / ".join(calibrate.METHODS)
+    print(f"| set | images | AUROC {names} | FPR95 {names} | unsure |")
     print("| --- | ---: | --- | --- | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['images']} | " + " / ".join(f"{r['auroc'][m]:.3f}" for m in calibrate.METHODS)

@@ -28,7 +28,14 @@ score is above the threshold:
   (95th percentile - median), after Lee et al.'s ensemble of layers. The
   energy catches blank, solid and noisy inputs that a class-mean distance
   finds ordinary; the distances catch strokes (digits, letters) the logits
-  find ordinary.
+  find ordinary;
+- tails: the same three parts, each as how rare it is among the validation
+  images: minus the log of the share of them that score at least as high
+  (interpolated between TAIL_POINTS quantiles; beyond the highest, the excess
+  over it in its spread, highest - median, is added); the largest counts. An
+  image is then unsure when one part is rarer than a share that the threshold
+  sets, whatever the shape of each part's tail, where the median and 95th
+  percentile of "combined" assume the tails alike.
 
 pytorch-ood has these scores, but it needs torchvision; they are a few lines
 each, written here. The calibration error and AUROC come from torchmetrics.
@@ -45,10 +52,11 @@ import numpy as np
 import torch
 
 BINS = 15  # bins of the expected calibration error and the reliability diagram
-METHODS = ("msp", "energy", "mahalanobis", "combined")
+METHODS = ("msp", "energy", "mahalanobis", "combined", "tails")
 VAL_KEPT = 0.95  # the share of real validation images the threshold keeps (not unsure)
 SHRINKAGE = 1e-3  # ridge added to the shared covariance, as a share of its mean variance (dead ReLU units)
 TRAIN_FEATURES = 20_000  # training images at most whose features give the class means and covariance
+TAIL_POINTS = 1000  # quantiles of each part's validation scores the tails score keeps (12 kB for three parts)
 VAL_OOD_PER_KIND = 200  # images of each kind in the validation OOD set, at most (a tenth of the validation split)
 
 
@@ -154,7 +162,8 @@ COMBINED = ("energy", "pixels", "first")  # the combined score's parts: the ener
 
 def needs(method: str) -> tuple[str, ...]:
     """The taps whose Mahalanobis statistics `method` uses."""
-    return {"mahalanobis": ("penultimate",), "combined": ("pixels", "first")}.get(method, ())
+    combined = ("pixels", "first")
+    return {"mahalanobis": ("penultimate",), "combined": combined, "tails": combined}.get(method, ())
 
 
 @dataclass
@@ -170,6 +179,7 @@ class Calibration:
     threshold: float | None = None  # scores above it are unsure; None: no decision (an uncalibrated run)
     mahalanobis: dict[str, Mahalanobis] = field(default_factory=dict)  # tap -> statistics (what `method` needs)
     scale: dict[str, tuple[float, float]] = field(default_factory=dict)  # combined: part -> (centre, spread)
+    tails: dict[str, torch.Tensor] = field(default_factory=dict)  # tails: part -> (K,) its validation quantiles
 
     def score(self, logits: torch.Tensor, taps: dict[str, torch.Tensor], method: str | None = None
               ) -> torch.Tensor:
@@ -184,8 +194,10 @@ class Calibration:
             return energy_score(logits)
         if method == "mahalanobis":
             return self.mahalanobis_part("penultimate", taps)
-        # combined: each part as a multiple of its spread on the validation split, the largest counts
         parts = [(energy_score(logits) if part == "energy" else self.mahalanobis_part(part, taps)) for part in COMBINED]
+        if method == "tails":  # each part as its rarity among the validation images, the largest counts
+            return torch.stack([tail_score(p, self.tails[k]) for k, p in zip(COMBINED, parts)]).amax(0)
+        # combined: each part as a multiple of its spread on the validation split, the largest counts
         return torch.stack([(p - self.scale[k][0]) / self.scale[k][1] for k, p in zip(COMBINED, parts)]).amax(0)
 
     def mahalanobis_part(self, tap: str, taps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,7 +209,8 @@ class Calibration:
         return {"temperature": float(self.temperature), "method": self.method, "threshold": self.threshold,
                 "mahalanobis": {k: {"whiten": v.whiten.contiguous(), "centres": v.centres.contiguous()}
                                 for k, v in self.mahalanobis.items()},
-                "scale": {k: [float(c), float(w)] for k, (c, w) in self.scale.items()}}
+                "scale": {k: [float(c), float(w)] for k, (c, w) in self.scale.items()},
+                "tails": {k: v.contiguous() for k, v in self.tails.items()}}
 
     @classmethod
     def from_dict(cls, d: object) -> Calibration:
@@ -230,7 +243,15 @@ class Calibration:
                         and pair[1] > 0):
                     raise ValueError(f"its scale of the {part} score is missing or damaged")
                 scale[part] = (float(pair[0]), float(pair[1]))
-        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale)
+        tails = {}
+        if method == "tails":  # an entry written before this score existed has none, and needs none
+            for part in COMBINED:
+                v = (d.get("tails") or {}).get(part)
+                if not (isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) >= 2 and v.is_floating_point()
+                        and bool(torch.isfinite(v).all()) and bool((v[1:] >= v[:-1]).all()) and v[-1] > v[len(v) // 2]):
+                    raise ValueError(f"its validation scores of the {part} part are missing or damaged")
+                tails[part] = v.float()
+        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails)
 
     def summary(self) -> dict:
         """The figures a person reads (summary.json, export metadata): no tensors."""
@@ -245,6 +266,28 @@ def fit_scale(scores: torch.Tensor) -> tuple[float, float]:
     """(centre, spread) of a part of the combined score on real images: the median and 95th percentile - median."""
     centre, top = torch.quantile(scores.double(), torch.tensor([0.5, VAL_KEPT], dtype=torch.float64)).tolist()
     return centre, max(top - centre, 1e-6)
+
+
+def fit_tail(scores: torch.Tensor, points: int = TAIL_POINTS) -> torch.Tensor:
+    """(points,) evenly spaced quantiles, 0 to 1, of a part of the tails score on real (validation) images: its
+    table for tail_score."""
+    return torch.quantile(scores.double(), torch.linspace(0, 1, points, dtype=torch.float64)).float().contiguous()
+
+
+def tail_score(scores: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(N,) how rare each score is among the real ones whose quantiles `table` (K,) holds: -log(share of them at
+    least as high), the share interpolated linearly between quantiles and 1 / K above the highest, plus there the
+    excess over it in units of (highest - median), so the order of far scores is kept.
+
+    Continuous, so an export's rounding moves it as little as it moves the score; the rank is a sum of clamped
+    ratios over the (N, K - 1) gaps rather than searchsorted, which every exporter takes.
+    """
+    s, k = scores.float()[:, None], len(table)
+    gaps = (table[1:] - table[:-1]).clamp(min=1e-12)
+    below = ((s - table[None, :-1]) / gaps[None]).clamp(0, 1).sum(1)  # (N,) 0 at the lowest quantile, K - 1 at the top
+    top = table[-1]
+    beyond = (scores.float() - top).clamp(min=0) / (top - table[k // 2])
+    return math.log(k) - torch.log(k - below) + beyond
 
 
 def threshold_for(scores: torch.Tensor, kept: float = VAL_KEPT) -> float:

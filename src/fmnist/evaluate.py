@@ -129,13 +129,15 @@ def every_score(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device:
                 ) -> tuple[calibrate.Calibration, Scores]:
     """A Calibration that can compute every OOD score (no method chosen, no threshold), and the validation split's
     Scores with features it was fitted on: the temperature on the validation logits, the Mahalanobis statistics of
-    every tap on training images, the combined score's scales on validation."""
+    every tap on training images, the combined score's scales and the tails score's tables on validation."""
     val = scores(model, cfg, splits.val if not small else tuple(s[:2048] for s in splits.val), device, world,
                  features=True)
     every = calibrate.Calibration(calibrate.fit_temperature(val.logits, val.labels),
                                   mahalanobis=mahalanobis_stats(model, cfg, splits, device, world, small))
-    every.scale = {p: calibrate.fit_scale(calibrate.energy_score(val.logits) if p == "energy"
-                                          else every.mahalanobis_part(p, val.features)) for p in calibrate.COMBINED}
+    parts = {p: calibrate.energy_score(val.logits) if p == "energy" else every.mahalanobis_part(p, val.features)
+             for p in calibrate.COMBINED}
+    every.scale = {p: calibrate.fit_scale(v) for p, v in parts.items()}
+    every.tails = {p: calibrate.fit_tail(v) for p, v in parts.items()}
     return every, val
 
 
@@ -162,7 +164,7 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     method = max(calibrate.METHODS, key=lambda m: (caught[m], aurocs[m]))
     cal = calibrate.Calibration(temperature, method, thresholds[method],
                                 {t: stats[t] for t in calibrate.needs(method)},
-                                every.scale if method == "combined" else {})
+                                every.scale if method == "combined" else {}, every.tails if method == "tails" else {})
     figures = {
         "val_ece": calibrate.calibration_error(val.probabilities, val.labels),
         "val_ece_calibrated": calibrate.calibration_error((val.logits / temperature).softmax(1), val.labels),

@@ -273,7 +273,10 @@ class PixelClassifier(nn.Module):
         for tap in self.taps:  # the statistics as buffers: they follow .to(device) and are constants in an export
             self.register_buffer(f"whiten_{tap}", cal.mahalanobis[tap].whiten.clone())
             self.register_buffer(f"centres_{tap}", cal.mahalanobis[tap].centres.clone())
-        self.calibration = dataclasses.replace(cal, mahalanobis={})  # temperature, method, threshold, scales
+        self.tail_parts = tuple(cal.tails)  # the tails score's validation scores of each part, likewise
+        for part in self.tail_parts:
+            self.register_buffer(f"tail_{part}", cal.tails[part].clone())
+        self.calibration = dataclasses.replace(cal, mahalanobis={}, tails={})  # temperature, method, threshold, scales
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD  # (N, 1, 28, 28), as data.normalize
@@ -285,7 +288,7 @@ class PixelClassifier(nn.Module):
         logits = logits.float()
         cal = dataclasses.replace(self.calibration, mahalanobis={
             tap: calibrate.Mahalanobis(getattr(self, f"whiten_{tap}"), getattr(self, f"centres_{tap}"))
-            for tap in self.taps})
+            for tap in self.taps}, tails={part: getattr(self, f"tail_{part}") for part in self.tail_parts})
         t = cal.temperature
         return torch.softmax(logits / t if t != 1.0 else logits, dim=1), cal.score(logits, taps)
 
