@@ -37,6 +37,7 @@ SIZE = 28  # pixels, each side of a Fashion-MNIST image
 MAX_PIXELS = 64_000_000  # a larger image is refused as a likely decompression bomb (a 48-megapixel photo passes)
 PREPROCESS = ("auto", "photo", "dataset")
 DATASET_SIDE = 4 * SIZE  # px: a dark image at most this big each way is taken as a Fashion-MNIST image
+PRODUCT_LEVELS = 32  # ... if its brightest pixel is this much above its border (the dataset's: 255 nearly always)
 DECODE = 384  # px: a JPEG is decoded at the smallest scale (1/2 to 1/8) whose longest side is still this long
 WORK = 256  # px: the longest side of the copy on which the background is measured and the product found
 RING = 0.04  # of the shorter side: the outer band from which the background is measured
@@ -147,13 +148,15 @@ def _from_array(a: np.ndarray) -> Image.Image:
 
 
 def looks_like_dataset(im: Image.Image) -> bool:
-    """A genuine Fashion-MNIST-like image: dark border (the median of the outermost pixels below mid-grey) and
-    small (at most DATASET_SIDE pixels each way). A larger dark photo is a light product on a dark table."""
+    """A genuine Fashion-MNIST-like image: dark border (the median of the outermost pixels below mid-grey), a
+    product on it (its brightest pixels PRODUCT_LEVELS above that border), and small (at most DATASET_SIDE
+    pixels each way). A larger dark photo is a light product on a dark table; a flat or nearly flat image is
+    no dataset image (the photo path finds nothing on it, and the model is not asked to name a grey sheet)."""
     if max(im.size) > DATASET_SIDE:
         return False
     g = np.asarray(im.convert("L"))
-    ring = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    return float(np.median(ring)) < 128
+    border = float(np.median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])))
+    return border < 128 and float(g.max()) - border > PRODUCT_LEVELS
 
 
 def photo(im: Image.Image) -> np.ndarray:
@@ -191,6 +194,8 @@ def photo(im: Image.Image) -> np.ndarray:
     if dev[dev > beyond].sum() > -dev[dev < -beyond].sum():  # mostly lighter than its background: invert
         g, den, coef, surface = 255 - g, 255 - den, -coef, np.maximum(255 - surface, np.float32(1))
         coef[0] += 255
+    if float(surface.max()) < CONTRAST:  # a black sheet with nothing lighter on it: nothing to find
+        return np.zeros((SIZE, SIZE), np.uint8)
     flat = den * (255.0 / surface)  # (wh, ww) float32: the background near 255
     dark = flat < 255.0 - max(CONTRAST, 4 * sigma * 255.0 / max(float(surface.mean()), 1.0))
     mask = _product(_without_shadow(flat, dark))
