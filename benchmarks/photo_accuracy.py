@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=500, help="test images per condition (default: 500)")
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="which conditions (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="the renderer's seed (default: 0)")
+    ap.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="whose images: the test split (to report) or the run's validation split (to choose on)")
     ap.add_argument("--no-straighten", action="store_true", help="preprocess without straightening a tilt")
     ap.add_argument("--work", help="where to write the photos (default: a temporary folder)")
     ap.add_argument("--speed", action="store_true", help="measure decode + preprocess time instead")
@@ -172,17 +174,21 @@ def main() -> None:
         preprocess.STRAIGHTEN = False  # the workers are forked: they see it too
     run_dir = Path(args.run)
     cfg = runs.read_config(run_dir)
-    x, y = data.load_split(data.locate(runs.data_dir_for(cfg.data_dir, None)), "test")
+    if args.split == "test":
+        x, y = data.load_split(data.locate(runs.data_dir_for(cfg.data_dir, None)), "test")
+    else:
+        splits = data.load(runs.data_dir_for(cfg.data_dir, None), cfg.val_size, cfg.split_seed)
+        x, y = (t.numpy() for t in splits.val)
     pick = np.random.default_rng(args.seed).permutation(len(y))[: args.images]
     x, y = x[pick], y[pick]
     p = predict.Predictor(run_dir)
     raw = p.probabilities(x).argmax(1) == y
     work = Path(args.work or tempfile.mkdtemp(prefix="fmnist-photos-"))
-    print(f"{len(y)} test images per condition, model {run_dir}; CPU: {cpu()}")
+    print(f"{len(y)} {args.split} images per condition, model {run_dir}; CPU: {cpu()}")
     print(f"command: python {' '.join(sys.argv)}\n")
     print("| condition | accuracy through Predictor | against raw | chosen |")
     print("| --- | ---: | ---: | --- |")
-    print(f"| raw 28x28 test images | {raw.mean():.1%} | | |")
+    print(f"| raw 28x28 {args.split} images | {raw.mean():.1%} | | |")
     for condition in args.conditions.split(","):
         paths = write(work / condition, x, condition, args.seed)
         recs = p.predict(paths, preprocess="auto")

@@ -411,8 +411,8 @@ PHOTO_SCALE = 0.1  # relative zoom, either way (the product found a little too t
 PHOTO_GREY = 48.0  # most background level, at each of two opposite sides (grey paper, light falling off)
 PHOTO_WHITE = 200.0  # least level of a full-white product pixel (contrast lost to grey paper or a dull light)
 PHOTO_NOISE = 8.0  # most standard deviation of Gaussian pixel noise, in levels (sensor noise left by denoising)
-PHOTO_SHADOW = 0.4  # most strength of a soft copy of the product beside it, as a share of the product's level
-PHOTO_SHADOW_SHIFT = 2.0  # most offset of that copy in pixels, in x and in y (a drop shadow left as a grey rim)
+PHOTO_SHADOW = 0.5  # most level of a soft shadow of the product's outline beside it, as a share of 255
+PHOTO_SHADOW_SHIFT = 2.5  # most offset of that shadow in pixels, in x and in y (a drop shadow left as a grey rim)
 
 
 @dataclass(frozen=True)
@@ -426,7 +426,7 @@ class PhotoParams:
     direction: torch.Tensor  # radians: the gradient runs from grey0 to grey1 along this direction (x right, y down)
     white: torch.Tensor  # the level a 255 pixel becomes
     sigma: torch.Tensor  # noise standard deviation, in levels
-    shadow: torch.Tensor  # strength of the shadow: its level as a share of the product's
+    shadow: torch.Tensor  # the shadow's level, as a share of 255
     shadow_dx: torch.Tensor  # the shadow's offset in pixels, right ...
     shadow_dy: torch.Tensor  # ... and down
 
@@ -448,10 +448,10 @@ def photo_apply(x: torch.Tensor, prm: PhotoParams, noise: torch.Tensor | None = 
     """Perturb every image of a uint8 batch (B, h, w) as `prm` says; uint8 out.
 
     In order: a turn and a zoom about the centre (one bilinear `grid_sample` for the batch with a matrix per
-    image, zero outside); a shadow (the turned product again, moved by (shadow_dx, shadow_dy), blurred 3x3 and
-    scaled by `shadow`) wherever it is brighter than the product; the background lifted to a linear gradient
-    from grey0 to grey1 and the product's levels squeezed between it and `white`; `sigma` x `noise` (standard
-    normal, (B, h, w)) added; rounded and clipped to 0-255.
+    image, zero outside); a shadow (the turned product's outline, moved by (shadow_dx, shadow_dy), blurred by
+    two 3x3 means and at level `shadow`) wherever it is brighter than the product; the background lifted to a
+    linear gradient from grey0 to grey1 and the product's levels squeezed between it and `white`; `sigma` x
+    `noise` (standard normal, (B, h, w)) added; rounded and clipped to 0-255.
     """
     b, h, w = x.shape
     dev = x.device
@@ -469,8 +469,10 @@ def photo_apply(x: torch.Tensor, prm: PhotoParams, noise: torch.Tensor | None = 
     both = torch.nn.functional.grid_sample(x.float()[:, None].div_(255), torch.cat([grid, grid - back], 1),
                                            mode="bilinear", padding_mode="zeros", align_corners=False)  # (B,1,2h,w)
     f = both[:, 0, :h]  # (B, h, w) in [0, 1]
-    shadow = torch.nn.functional.avg_pool2d(both[:, :, h:], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
-    f = torch.maximum(f, shadow.mul_(prm.shadow[:, None, None]))
+    outline = both[:, :, h:].mul(8).clamp_(max=1)  # (B, 1, h, w): 1 wherever the product is more than faint
+    for _ in range(2):
+        outline = torch.nn.functional.avg_pool2d(outline, 3, stride=1, padding=1, count_include_pad=False)
+    f = torch.maximum(f, outline[:, 0].mul_(prm.shadow[:, None, None]))
     # The background: the position along `direction`, -1 to 1 across the image, as a fraction t in [0, 1].
     t = (xs * torch.cos(prm.direction)[:, None, None] + ys * torch.sin(prm.direction)[:, None, None])
     t = t.add_(1).mul_(0.5).clamp_(0, 1)  # (B, h, w)
