@@ -6,6 +6,8 @@ dataset-style image it was rendered from, `auto` tells a photo from a dataset im
 from __future__ import annotations
 
 import io
+import os
+import struct
 import time
 
 import numpy as np
@@ -304,3 +306,43 @@ def test_a_phone_photo_is_decoded_small_and_prepared_within_the_budget():
         plain.append(time.thread_time() - start)
     assert chosen == "photo" and _corr(pixels, drawn) > 0.8
     assert np.median(ours) < 1.5 * np.median(plain), (np.median(ours), np.median(plain))
+
+
+def test_max_pixels_refuses_from_the_header_and_jpegs_decode_small(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (3000, 2000), (240, 240, 240)).save(path, quality=80)
+    with pytest.raises(ImageError, match="3000x2000 pixels is larger than 5.99 megapixels"):
+        preprocess.prepare(path, max_pixels=5_990_000)
+    with pytest.raises(ImageError, match="larger than"):
+        preprocess.open_image(np.zeros((100, 100), np.uint8), max_pixels=9_999)
+    loaded = []
+    real_load = Image.Image.load
+
+    def load(im):
+        loaded.append(im.size)
+        return real_load(im)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    with pytest.raises(ImageError, match="larger than"):
+        preprocess.open_image(str(path), max_pixels=1_000_000)
+    assert not loaded  # refused before a pixel was decoded
+    assert preprocess.prepare(path, "photo", max_pixels=6_000_000)[0].shape == (28, 28)
+    assert max(loaded[0]) <= 2 * preprocess.DECODE  # drafted: decoded at a reduced scale
+
+
+def test_fifo_nan_tiff_eps_and_psd_are_refused_in_one_sentence(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="a FIFO, not a regular file"):  # would block forever on open
+        preprocess.prepare(str(fifo))
+    for value in (np.nan, np.inf):
+        Image.fromarray(np.full((30, 30), value, np.float32), "F").save(tmp_path / "f.tif")
+        with pytest.raises(ImageError, match="not finite"):
+            preprocess.prepare(tmp_path / "f.tif")
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.eps")
+    with pytest.raises(ImageError, match="an EPS image, a format fmnist does not support"):
+        preprocess.prepare(tmp_path / "a.eps")
+    header = b"8BPS" + struct.pack(">H", 1) + b"\0" * 6 + struct.pack(">HIIHH", 3, 20, 20, 8, 3)
+    (tmp_path / "a.psd").write_bytes(header + b"\0" * 12 + struct.pack(">H", 2) + b"\0" * 1200)
+    with pytest.raises(ImageError, match="a PSD image, a format fmnist does not support"):
+        preprocess.prepare(tmp_path / "a.psd")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -52,13 +54,18 @@ cv2.setNumThreads(1)  # one image per core: fmnist spreads many images over work
 # thread pool costs more than it saves on images this small (and does not survive the workers' fork)
 
 
-def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """An "RGB" or "L" image, fully decoded: first frame, EXIF orientation applied, transparency on white."""
+def open_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An "RGB" or "L" image, fully decoded: first frame, EXIF orientation applied, transparency on white.
+
+    max_pixels: a larger image is refused from its header, before its pixels are decoded or allocated (a JPEG
+    is decoded at a reduced scale, so that even one of many megapixels stays cheap)."""
     if isinstance(source, np.ndarray):
-        return _from_array(source)
+        return _from_array(source, max_pixels)
     if isinstance(source, Image.Image):
         im = source
     else:
+        if isinstance(source, (str, Path)):
+            _check_regular(source)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
@@ -77,9 +84,11 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
                                  "decompression bomb") from None
             raise ImageError("not an image that can be read (PNG, JPEG, WebP, BMP, TIFF or GIF)"
                              + _why(e, "cannot identify image file")) from None
+    if im.format in UNSUPPORTED:  # EPS would run Ghostscript on the file: never on an upload
+        raise ImageError(f"{_format(im)}, a format fmnist does not support: convert it to PNG or JPEG")
     width, height = im.size
-    if width * height > MAX_PIXELS:  # checked on the header, before anything is decoded
-        raise ImageError(f"{width}x{height} pixels is larger than {MAX_PIXELS // 1_000_000} megapixels, "
+    if width * height > max_pixels:  # checked on the header, before anything is decoded
+        raise ImageError(f"{width}x{height} pixels is larger than {_megapixels(max_pixels)} megapixels, "
                          "refused as a possible decompression bomb")
     if width < 1 or height < 1:
         raise ImageError("has no pixels")
@@ -99,7 +108,36 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
     except MemoryError:
         raise ImageError("too large to decode in the memory available") from None
     except Exception as e:  # truncated, corrupt, or a text chunk that inflates too far
+        if im.format not in READ:  # Pillow knows the header, not how to decode what follows (PSD's layers, ...)
+            raise ImageError(f"{_format(im)}, a format fmnist does not support: convert it to PNG or JPEG") from None
         raise ImageError("a damaged or truncated image" + _why(e, "")) from None
+
+
+READ = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF")  # the formats fmnist reads and tests
+UNSUPPORTED = ("EPS", "PS")  # formats Pillow decodes only with an outside program
+
+
+def _format(im: Image.Image) -> str:
+    return f"a{'n' if (im.format or 'x')[0] in 'AEFHILMNORSX' else ''} {im.format or 'unknown'} image"
+
+
+def _check_regular(path: str | Path) -> None:
+    """Refuses what is not a regular file before it is opened: a FIFO or a device would block or never end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except ValueError:  # a NUL in the name
+        raise ImageError("not a file name (it holds a NUL character)") from None
+    except OSError as e:
+        raise ImageError(f"cannot be read ({os.strerror(e.errno) if e.errno else e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise ImageError(f"{kind}, not a regular file: fmnist reads image files only")
 
 
 _BOMB = (f"too many pixels to decode, refused as a possible decompression bomb (fmnist reads images of up to "
@@ -115,6 +153,8 @@ def _flatten(im: Image.Image) -> Image.Image:
     """Any mode -> "L" or "RGB"; transparency composited on white; 16-bit and float scaled to 8 bits."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():  # a float TIFF of NaN or infinity has no brightness to scale
+            raise ImageError("its pixels hold values that are not finite numbers (NaN or infinity)")
         peak = a.max(initial=0)
         top = 65535.0 if im.mode.startswith("I;16") or peak > 255 else 1.0 if peak <= 1 else 255.0
         return Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
@@ -127,15 +167,19 @@ def _flatten(im: Image.Image) -> Image.Image:
     return im.convert("L" if im.mode == "1" else "RGB")
 
 
-def _from_array(a: np.ndarray) -> Image.Image:
+def _megapixels(n: int) -> str:
+    return f"{n / 1_000_000:.6g}"
+
+
+def _from_array(a: np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """(H, W), (H, W, 3) or (H, W, 4) of 0-255 values -> an image."""
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
         raise ImageError(f"an array of shape {tuple(a.shape)} is not an image: expected (H, W), (H, W, 3) "
                          "or (H, W, 4)")
-    if a.shape[0] * a.shape[1] > MAX_PIXELS:
-        raise ImageError(f"an array of {a.shape[0]}x{a.shape[1]} pixels is larger than {MAX_PIXELS // 1_000_000} "
+    if a.shape[0] * a.shape[1] > max_pixels:
+        raise ImageError(f"an array of {a.shape[0]}x{a.shape[1]} pixels is larger than {_megapixels(max_pixels)} "
                          "megapixels")
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise ImageError(f"an array of {a.dtype} is not an image: expected numbers from 0 to 255")
@@ -408,10 +452,10 @@ def dataset_like(im: Image.Image) -> np.ndarray:
     return np.asarray(g, dtype=np.uint8).copy()
 
 
-def prepare(source: Any, preprocess: str = "auto") -> tuple[np.ndarray, str]:
-    """Any image -> ((28, 28) uint8, the preprocessing applied: "photo" or "dataset")."""
+def prepare(source: Any, preprocess: str = "auto", max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Any image -> ((28, 28) uint8, the preprocessing applied: "photo" or "dataset"). max_pixels: see open_image."""
     if preprocess not in PREPROCESS:
         raise PredictError(f"unknown preprocessing '{preprocess}'; choose one of {', '.join(PREPROCESS)}.")
-    im = open_image(source)
+    im = open_image(source, max_pixels)
     chosen = preprocess if preprocess != "auto" else "dataset" if looks_like_dataset(im) else "photo"
     return (photo(im) if chosen == "photo" else dataset_like(im)), chosen
