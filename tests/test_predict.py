@@ -284,3 +284,86 @@ def test_the_names_callers_know_still_answer_from_predict():
     assert predict.export is export.export and predict._write_onnx is export._write_onnx
     with pytest.raises(AttributeError):
         predict.no_such_name  # noqa: B018
+
+
+def _onnx(path: Path, nodes, out_shape, in_type=None, classes=10) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    in_type = TensorProto.FLOAT if in_type is None else in_type
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", in_type, ["N", 28, 28])],
+                              [helper.make_tensor_value_info("y", in_type, out_shape)],
+                              [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 784])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"classes": json.dumps([f"c{i}" for i in range(classes)]), "fmnist": "{}"})
+    onnx.save(model, path)
+    return path
+
+
+def test_an_onnx_file_of_the_wrong_shape_or_type_is_refused_at_load(tmp_path):
+    from onnx import TensorProto, helper
+
+    identity = [helper.make_node("Identity", ["x"], ["y"])]
+    flat = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    for path, words in (
+            (_onnx(tmp_path / "image.onnx", identity, ["N", 28, 28]), "outputs of shape (2, 28, 28)"),
+            (_onnx(tmp_path / "classes.onnx", flat, ["N", 784], classes=3), "its 3 classes need (2, 3)"),
+            (_onnx(tmp_path / "double.onnx", identity, ["N", 28, 28], TensorProto.DOUBLE), "takes double pixels")):
+        with pytest.raises(PredictError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            predict.Predictor(path)
+        r = run_fmnist("predict", str(path), str(path))
+        assert r.returncode == 2 and r.stderr.startswith("fmnist: error: ") and len(r.stderr.splitlines()) == 1
+
+
+def test_fifos_deep_folders_long_and_undecodable_names(run, tmp_path, capsys):
+    import os
+
+    good = _png(Image.fromarray(synthetic(1, 0)[0][0]))
+    d = tmp_path / "in"
+    d.mkdir()
+    os.mkfifo(d / "pipe.png")  # named directly or found in the folder, it blocked for ever
+    deep = str(d)
+    for _ in range(1100):  # os.walk recursed: RecursionError
+        deep += "/d"
+        os.mkdir(deep)
+    deep = Path(deep)
+    (deep / "bottom.png").write_bytes(good)
+    long = d / ("\u4e2d" * 80 + ".png")  # 80 characters, 240 bytes: 100 characters of it are too long to save
+    long.write_bytes(good)
+    found, _ = predict.find_images([d])
+    assert found == [str(deep / "bottom.png"), str(d / "pipe.png"), str(long)]
+    assert cli.main(["predict", str(run), str(d), str(d / "pipe.png"), "--json",
+                     "--save-inputs", str(tmp_path / "seen")]) == 1
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ["error" in r for r in recs] == [False, True, False, True]
+    assert "a FIFO, not a regular file" in recs[1]["error"] and Path(recs[2]["input"]).is_file()
+    many = [str(long)] * 70 + [str(d / "pipe.png")]  # enough files for worker processes
+    recs = run_model(run).predict(many, workers=2)
+    assert "a FIFO" in recs[-1]["error"] and all("label" in r for r in recs[:-1])
+
+    raw = os.fsencode(str(tmp_path)) + b"/caf\xe9-\xff.png"  # Latin-1 bytes: not UTF-8
+    with open(raw, "wb") as f:
+        f.write(good)
+    r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(run), os.fsdecode(raw), "--json"],
+                       capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    rec = json.loads(r.stdout.decode("utf-8"))  # valid UTF-8, valid JSON
+    assert r.returncode == 0 and rec["file"].endswith("caf\\xe9-\\xff.png") and "label" in rec
+    named = tmp_path / "caf\u00e9.png"
+    named.write_bytes(good)
+    for extra in ([], ["--json"]):
+        r = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(run), str(named), os.fsdecode(raw),
+                            *extra], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONIOENCODING": "ascii"})
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "classified 2 of 2" in r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["file"] == str(named)
+
+
+def run_model(run: Path) -> predict.Predictor:
+    return predict.Predictor(run)
+
+
+def test_a_file_name_that_starts_with_a_dash_gets_a_hint(run, capsys):
+    assert cli.main(["predict", str(run), "-dash.png"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "put -- before a file name" in err

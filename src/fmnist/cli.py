@@ -295,8 +295,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for rec in predictor.iter_predict(inputs, args.top_k, args.preprocess, args.save_inputs):
         failed += "error" in rec
         done += "error" not in rec
-        if args.json:
-            print(json.dumps(rec, ensure_ascii=False))
+        if args.json:  # valid UTF-8 JSON; plain ASCII escapes where the output takes no UTF-8
+            print(json.dumps(rec, ensure_ascii=not _utf8(sys.stdout)))
             continue
         name = rec["file"]  # in full, however long: a table row must name its file
         if "error" in rec:
@@ -314,6 +314,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"fmnist: classified {done} of {done + failed} files with {predictor.backend}"
               f"{f', {failed} could not be read' if failed else ''}{passed}{where}", file=sys.stderr)
     return 0 if not failed else 1 if done else 2
+
+
+def _utf8(stream: Any) -> bool:
+    return (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -337,8 +341,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"fmnist serve needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'fmnist[serve]'.") from None
-    serve.serve(args.run, args.host, args.port, max_body=int(args.max_body_mb * 2**20), device=args.device,
-                quiet=args.quiet, ready=lambda line: print(f"fmnist: {line}", flush=True))
+    key = args.api_key or os.environ.get("FMNIST_API_KEY", "")
+    where = "--api-key" if args.api_key else "FMNIST_API_KEY"
+    policy = serve.Policy(api_keys=(serve.check_key(key, where),) if key else (),
+                          api_key_file=Path(args.api_key_file) if args.api_key_file else None,
+                          cors_origins=tuple(args.cors_origin), allowed_hosts=tuple(args.allowed_host),
+                          **{k: v for k, v in (("rate_limit", args.rate_limit), ("max_files", args.max_files))
+                             if v is not None})
+    serve.serve(args.run, args.host, args.port, max_body=serve.body_limit(args.max_body_mb), device=args.device,
+                policy=policy, insecure_no_key=args.insecure_no_key, quiet=args.quiet,
+                ready=lambda line: print(f"fmnist: {line}", flush=True))
     return 0
 
 
@@ -474,6 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=config_mod.DEVICES, help="auto, cpu, cuda or mps "
                                                                                "(default: cpu)")
     s.add_argument("--quiet", action="store_true", help="no log line per request")
+    s.add_argument("--api-key", metavar="KEY", help="require this key on every API route (as 'Authorization: "
+                   "Bearer KEY' or 'X-API-Key: KEY'); other users of this machine can read a command line, so "
+                   "prefer the environment variable FMNIST_API_KEY or --api-key-file")
+    s.add_argument("--api-key-file", metavar="FILE", help="keys, one a line, any of which opens the API; re-read "
+                   "when the file changes, so keys rotate without a restart")
+    s.add_argument("--insecure-no-key", action="store_true", help="listen beyond this machine (--host 0.0.0.0) "
+                   "without a key: anyone who can reach the port may use the model")
+    s.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=[], help="a web origin whose pages "
+                   "may call the API, such as https://example.org (repeatable; default: none)")
+    s.add_argument("--allowed-host", metavar="NAME", action="append", default=[], help="a Host name clients may "
+                   "use besides loopback's and the bound address, such as the name of a reverse proxy (repeatable)")
+    s.add_argument("--rate-limit", help="requests per client address, every route but "
+                   "/health; beyond it, 429 with Retry-After (default: 300/minute)")
+    s.add_argument("--max-files", type=int, help="images per POST /predict (default: 16)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list the registered models, their defaults and the shipped presets")
@@ -544,10 +570,39 @@ def _preload(args: argparse.Namespace) -> None:
         from . import plots  # noqa: F401 (matplotlib)
 
 
+def _dash_hint(argv: list[str]) -> str:
+    """For a command line argparse refused: a file name that starts with '-' reads as an option unless -- comes
+    before it."""
+    for a in argv:
+        if a == "--":
+            return ""
+        if a.startswith("-") and not a.startswith("--") and len(a) > 1 and ("." in a or os.path.lexists(a)):
+            try:
+                float(a)
+            except ValueError:
+                return f" '{a}' reads as an option: put -- before a file name that starts with '-' (-- {a})."
+    return ""
+
+
+def _safe_streams() -> None:
+    """Output that cannot be encoded (a name that is not UTF-8, any non-ASCII name when PYTHONIOENCODING=ascii)
+    is written as backslash escapes, not a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
+    _safe_streams()
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as e:
+            hint = _dash_hint(sys.argv[1:] if argv is None else list(argv))
+            if hint:
+                e.hint = (e.hint + hint).strip()
+            raise
         with interrupts_deferred():
             _preload(args)
         return args.func(args)

@@ -75,24 +75,59 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[str], int]:
     """Named files as given (each is tried), directories searched recursively for image files, sorted.
 
     Returns the inputs and how many files in the directories were passed over (hidden, or not named as an image).
+    The search is a loop, not a recursion: a folder thousands of levels deep is searched like any other.
     """
     found: list[str] = []
     skipped = 0
     for p in paths:
-        p = str(p)
+        p = os.fspath(p)
         if p != "-" and os.path.isdir(p):
             inside = []
-            for root, dirs, files in os.walk(p):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for f in files:
-                    if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
-                        inside.append(os.path.join(root, f))
+            stack = [p]
+            while stack:
+                folder = stack.pop()
+                try:
+                    entries = list(os.scandir(folder))
+                except OSError:  # unreadable or gone: os.walk passed over these too
+                    continue
+                for e in entries:
+                    if e.name.startswith("."):
+                        skipped += not _is_dir(e)
+                    elif _is_dir(e):
+                        if not e.is_symlink():  # as os.walk: a link to a folder is not followed
+                            stack.append(e.path)
+                    elif e.name.lower().endswith(IMAGE_SUFFIXES):
+                        inside.append(e.path)  # a FIFO or device among them is refused as the file's own error
                     else:
                         skipped += 1
             found += sorted(inside)
         else:
             found.append(p)
     return found, skipped
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def display_name(name: str | bytes) -> str:
+    """A file name as text that any output takes: bytes that are not UTF-8 (kept by Python as lone surrogates,
+    which no encoder writes and no JSON reader takes) become backslash escapes such as \\xff."""
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "backslashreplace")
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if _has_surrogates(name) \
+        else name
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _cpu_count() -> int:
@@ -200,6 +235,27 @@ class Predictor:
         self.backend = "onnxruntime"
         # fmnist's exports since calibration give (probabilities, ood_score); earlier ones probabilities only
         self._run = lambda x: (*self._session.run(None, {self._input: x}), None)[:2]
+        self._check_outputs(path, ins[0].type)
+
+    def _check_outputs(self, path: Path, input_type: str) -> None:
+        """One image through a loaded export, at load: a file that takes other numbers or gives other shapes
+        than fmnist's is refused here in one sentence, not at the first image with a traceback."""
+        if input_type != "tensor(float)":
+            raise PredictError(f"{path} takes {input_type.removeprefix('tensor(').rstrip(')')} pixels, not float32 "
+                               "as fmnist's exports do: export it again with fmnist export.")
+        try:
+            probs, scores = self._run(np.zeros((2, SIZE, SIZE), np.float32))
+        except Exception as e:
+            raise PredictError(f"{path} fails on a blank image{_why(e, '')}: export it again with fmnist "
+                               "export.") from None
+        probs = np.asarray(probs)
+        if probs.shape != (2, len(self.classes)):
+            raise PredictError(f"{path} gives outputs of shape {tuple(probs.shape)} for 2 images where its "
+                               f"{len(self.classes)} classes need (2, {len(self.classes)}): export it again "
+                               "with fmnist export.")
+        if scores is not None and np.asarray(scores).size != 2:
+            raise PredictError(f"{path} gives out-of-distribution scores of shape {tuple(np.asarray(scores).shape)} "
+                               "for 2 images: export it again with fmnist export.")
 
     def _load_torchscript(self, path: Path) -> None:
         import torch
@@ -385,8 +441,9 @@ def run_summary(run_dir: Path) -> dict | None:
 
 def _name(item: Any) -> str | None:
     if isinstance(item, (str, Path)):
-        return str(item)
-    return getattr(item, "filename", None) or None  # a PIL image opened from a file knows its name
+        return display_name(os.fspath(item))
+    name = getattr(item, "filename", None) or None  # a PIL image opened from a file knows its name
+    return display_name(name) if isinstance(name, (str, bytes)) else None
 
 
 def _prepare_all(items: list[Any], preprocess: str, workers: int | None) -> Iterator[tuple[Any, str]]:
@@ -436,7 +493,10 @@ def _save_input(out_dir: Path, index: int, item: Any, pixels: np.ndarray, total:
 
     stem = Path(item).stem if isinstance(item, (str, Path)) and str(item) != "-" else "stdin" if item == "-" \
         else "image"
-    path = out_dir / f"{index + 1:0{len(str(total))}d}-{stem[:100]}.png"
+    # at most 100 bytes of the name (a file system takes 255 bytes, and 100 characters can be 400 of them),
+    # as text every output can print
+    stem = display_name(stem).encode("utf-8")[:100].decode("utf-8", "ignore")
+    path = out_dir / f"{index + 1:0{len(str(total))}d}-{stem}.png"
     files.atomic_write(path, lambda tmp: Image.fromarray(pixels, "L").save(tmp, format="PNG"))
     return path
 
