@@ -340,6 +340,7 @@ def test_fifos_deep_folders_long_and_undecodable_names(run, tmp_path, capsys):
     many = [str(long)] * 70 + [str(d / "pipe.png")]  # enough files for worker processes
     recs = run_model(run).predict(many, workers=2)
     assert "a FIFO" in recs[-1]["error"] and all("label" in r for r in recs[:-1])
+    assert "larger than 0.0001 megapixels" in run_model(run).predict([str(long)], max_pixels=100)[0]["error"]
 
     raw = os.fsencode(str(tmp_path)) + b"/caf\xe9-\xff.png"  # Latin-1 bytes: not UTF-8
     with open(raw, "wb") as f:

@@ -34,6 +34,7 @@ from PIL import Image
 
 from .errors import ImageError, PredictError
 from .preprocess import (  # noqa: F401 (dataset_like, looks_like_dataset, photo: callers that know them here)
+    MAX_PIXELS,
     PREPROCESS,
     SIZE,
     _why,
@@ -59,11 +60,11 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _prepare_quietly(job: tuple[Any, str]) -> tuple[bytes | None, str | None]:
+def _prepare_quietly(job: tuple[Any, str, int]) -> tuple[bytes | None, str | None]:
     """prepare() in a worker process: (28x28 bytes, chosen) or (None, the error's sentence)."""
-    source, preprocess = job
+    source, preprocess, max_pixels = job
     try:
-        pixels, chosen = prepare(source, preprocess)
+        pixels, chosen = prepare(source, preprocess, max_pixels)
         return pixels.tobytes(), chosen
     except ImageError as e:
         return None, str(e)
@@ -347,16 +348,19 @@ class Predictor:
                 "unsure": unsure, "ood_score": None if score is None else round(score, 4)}
 
     def predict(self, items: Iterable[Any], top_k: int = 3, preprocess: str = "auto",
-                save_inputs: str | Path | None = None, workers: int | None = None) -> list[dict[str, Any]]:
-        """Classify paths, bytes, PIL images and arrays; one record per item, in order.
+                save_inputs: str | Path | None = None, workers: int | None = None,
+                max_pixels: int = MAX_PIXELS) -> list[dict[str, Any]]:
+        """Classify paths, bytes, PIL images and arrays; one record per item, in order. An image of more than
+        max_pixels is refused from its header (preprocess.open_image).
 
         A record is {"file", "label", "index", "probability", "top", "preprocess"} (plus "input", the
         28x28 PNG written, with save_inputs), or {"file", "error"} for an item that is not a usable image.
         """
-        return list(self.iter_predict(items, top_k, preprocess, save_inputs, workers))
+        return list(self.iter_predict(items, top_k, preprocess, save_inputs, workers, max_pixels))
 
     def iter_predict(self, items: Iterable[Any], top_k: int = 3, preprocess: str = "auto",
-                     save_inputs: str | Path | None = None, workers: int | None = None) -> Iterator[dict[str, Any]]:
+                     save_inputs: str | Path | None = None, workers: int | None = None,
+                     max_pixels: int = MAX_PIXELS) -> Iterator[dict[str, Any]]:
         """predict(), one record at a time, as each batch is classified. Paths are decoded on all cores."""
         if not 1 <= top_k <= len(self.classes):
             raise PredictError(f"--top-k {top_k} is out of range: choose 1 to {len(self.classes)}.")
@@ -364,7 +368,7 @@ class Predictor:
             raise PredictError(f"unknown preprocessing '{preprocess}'; choose one of {', '.join(PREPROCESS)}.")
         items = list(items)
         out_dir = _inputs_dir(save_inputs) if save_inputs is not None else None
-        prepared = _prepare_all(items, preprocess, workers)
+        prepared = _prepare_all(items, preprocess, workers, max_pixels)
         batch: list[tuple[int, Any, np.ndarray, str]] = []
         shown: list[tuple[Any, np.ndarray, dict]] = []  # the first OVERVIEW classified, for overview.png
         for i, (item, (pixels, chosen)) in enumerate(zip(items, prepared)):
@@ -446,9 +450,10 @@ def _name(item: Any) -> str | None:
     return display_name(name) if isinstance(name, (str, bytes)) else None
 
 
-def _prepare_all(items: list[Any], preprocess: str, workers: int | None) -> Iterator[tuple[Any, str]]:
+def _prepare_all(items: list[Any], preprocess: str, workers: int | None,
+                 max_pixels: int = MAX_PIXELS) -> Iterator[tuple[Any, str]]:
     """(28x28 uint8 or None, chosen preprocessing or the error) per item, in order."""
-    jobs = [(_read_stdin() if isinstance(it, str) and it == "-" else it, preprocess) for it in items]
+    jobs = [(_read_stdin() if isinstance(it, str) and it == "-" else it, preprocess, max_pixels) for it in items]
     paths = sum(isinstance(j[0], (str, Path)) for j in jobs)
     workers = min(_cpu_count(), 8) if workers is None else workers
     if workers > 1 and paths >= PARALLEL_FROM and sys.platform == "linux":
