@@ -7,7 +7,8 @@ Endpoints: POST /predict (multipart, field `file`, one or several images),
 POST /predict/pixels (a 28x28 JSON array, what the page's drawing canvas sends),
 GET /health, GET /limits, GET /model, GET /history, GET /neurons,
 GET /neurons/{k}, GET /examples (the product photos shipped in static/examples/,
-which the page offers to click), the OpenAPI docs at /docs, and the page at /
+which the page offers to click), the OpenAPI docs at /docs (Swagger UI served
+from the swagger-ui-bundle package, nothing from a CDN), and the page at /
 (plain HTML, CSS and JavaScript in static/, nothing fetched from elsewhere,
 every URL relative).
 
@@ -18,11 +19,22 @@ they share through dependencies (`get_served`, `get_batcher`), which tests may
 replace with `app.dependency_overrides`. `serve` holds the serving policy.
 
 Requests that arrive together are classified as one batch: a single task feeds
-the model, and every request waiting when it is free joins the next call.
-Decoding runs in worker threads, so a large upload never holds up /health. A
-body over the limit is refused with 413 as soon as its declared length, or the
-bytes received, pass the limit (FastAPI's own max_body_size). Nothing a client
-sends names a file on the server.
+the model, and every request waiting when it is free joins the next call; when
+more than `max_queue` images wait, a request is answered 503 with Retry-After.
+An image's size is read from its header first: above `max_pixels` it is refused
+with 413 before anything is decoded; a large one is decoded in a worker thread
+(at most DECODERS at once), so a large upload never holds up /health. A body
+over the limit is refused with 413 as soon as its declared length, or the bytes
+received, pass the limit (FastAPI's own max_body_size). Nothing a client sends
+names a file on the server, and no answer names a path on it.
+
+Safe on a network (`Policy`, enforced by `Guard` before a body is read): an API
+key on every API route when one is set (the page, its files, /docs and /health
+stay open), a request rate per client, allowed Host names (a DNS-rebinding page
+cannot read the API), CORS closed unless origins are given, a strict
+Content-Security-Policy and no framing, and connections that do not finish
+their request head within `header_timeout` closed. `serve` refuses to listen
+beyond loopback without a key unless told `insecure_no_key`.
 """
 
 from __future__ import annotations
@@ -33,38 +45,65 @@ import contextlib
 import dataclasses
 import gc
 import io
+import ipaddress
+import math
+import os
+import secrets
 import socket
+import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
+import limits
 import numpy as np
+import swagger_ui_bundle
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import __version__, predict, preprocess
 from .errors import ConfigError, ImageError, RunError
 
 MAX_BODY = 10 * 2**20  # bytes: the default limit on a request body (10 MiB)
-INLINE_BYTES = 32 * 2**10  # uploads up to this size are decoded on the event loop (about 0.2 ms for a 28x28 PNG)
+INLINE_BYTES = 32 * 2**10  # uploads up to this size (and INLINE_PIXELS) are decoded on the event loop
+INLINE_PIXELS = 256 * 256  # declared pixels: a 28x28 PNG decodes in about 0.2 ms; a larger image goes to a thread
+DECODERS = 2  # images decoded at once in worker threads (the 2-core VM): bounds their memory and CPU
+MAX_PIXELS = 16_000_000  # per image: a 28x28 classifier needs no more (a 12-megapixel phone photo passes)
+MAX_FILES = 16  # images per POST /predict
+MAX_QUEUE = 4096  # images waiting for the model; beyond it, 503 with Retry-After
+RATE_LIMIT = "300/minute"  # per client address, every route but /health (a page load is about 20 requests)
+HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's head
+MAX_CONNECTIONS = 512  # connections and requests at once; uvicorn answers 503 beyond
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # Host names always allowed
 TOP_K = 3  # classes in an answer unless the request asks for another number
 TOP_K_MAX = 10  # every class of Fashion-MNIST
 STATIC = Path(__file__).parent / "static"
 EXAMPLES = STATIC / "examples"  # product photos to try, one per class: served as static/examples/<file>
 
 
-class Batcher:
-    """One task feeds the model; the requests waiting when it is free go in together as one batch."""
+class Busy(Exception):
+    """More images wait for the model than the queue holds: the request is answered 503, to be retried."""
 
-    def __init__(self, predictor: predict.Predictor, max_batch: int = 1024):
-        self.predictor, self.max_batch = predictor, max_batch
+
+class Batcher:
+    """One task feeds the model; the requests waiting when it is free go in together as one batch. At most
+    max_queue images wait (more raise Busy), so that a flood costs refusals, not memory."""
+
+    def __init__(self, predictor: predict.Predictor, max_batch: int = 1024, max_queue: int = MAX_QUEUE):
+        self.predictor, self.max_batch, self.max_queue = predictor, max_batch, max_queue
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.waiting = 0  # images in the queue
         self.calls = self.images = 0  # model calls and images so far: images / calls is the mean batch
 
     async def run(self) -> None:
@@ -74,6 +113,7 @@ class Batcher:
             while not self.queue.empty() and size < self.max_batch:
                 waiting.append(self.queue.get_nowait())
                 size += len(waiting[-1][0])
+            self.waiting -= size
             x = np.concatenate([pixels for pixels, _ in waiting])
             try:
                 probs, scores = await asyncio.to_thread(self.predictor.outputs, x)
@@ -93,9 +133,147 @@ class Batcher:
 
     async def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(calibrated probabilities, out-of-distribution scores or None) of these images, as Predictor.outputs."""
+        if self.waiting + len(pixels) > self.max_queue:
+            raise Busy(f"{self.waiting} images are waiting for the model")
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((pixels, future))
+        self.waiting += len(pixels)
         return await future
+
+
+# ---------------------------------------------------------------- what a network may do
+
+@dataclasses.dataclass
+class Policy:
+    """What the service allows: keys, origins, hosts, rates and sizes. The defaults suit loopback."""
+
+    api_keys: tuple[str, ...] = ()  # any of these opens the API
+    api_key_file: Path | None = None  # more keys, one a line ('#' starts a comment), re-read when the file changes
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (none: CORS stays closed)
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides LOOPBACK_NAMES ('*': any)
+    rate_limit: str = RATE_LIMIT  # per client address, in the `limits` notation: "60/minute", "5/second"
+    max_files: int = MAX_FILES
+    max_queue: int = MAX_QUEUE
+    max_pixels: int = MAX_PIXELS
+    header_timeout: float = HEADER_TIMEOUT
+
+
+def check_key(key: str, where: str) -> str:
+    """A key as sent in a header: printable ASCII without spaces, 8 characters or more; else one sentence."""
+    if len(key) < 8 or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise ConfigError(f"the API key from {where} must be 8 or more printable ASCII characters without spaces.")
+    return key
+
+
+class Keys:
+    """The keys that open the API: given ones, plus a file's, re-read whenever the file's size or time changes
+    (so keys rotate without a restart). Compared in constant time."""
+
+    def __init__(self, keys: tuple[str, ...], path: Path | None):
+        self.given = [k.encode() for k in keys]
+        self.path, self.stamp, self.from_file = path, None, []
+        if path is not None:
+            self._reload(strict=True)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.given) or self.path is not None
+
+    def _reload(self, strict: bool = False) -> None:
+        try:
+            st = os.stat(self.path)
+            if (st.st_mtime_ns, st.st_size) == self.stamp:
+                return
+            lines = Path(self.path).read_text(encoding="utf-8").splitlines()
+            keys = [check_key(k, f"line {i + 1} of {self.path}") for i, line in enumerate(lines)
+                    if (k := line.split("#", 1)[0].strip())]
+        except (OSError, UnicodeError, ConfigError) as e:
+            if strict:
+                raise ConfigError(str(e) if isinstance(e, ConfigError) else
+                                  f"cannot read the API key file {self.path}: {getattr(e, 'strerror', None) or e}.")\
+                    from None
+            return  # a file being rewritten: the keys read last stay in force
+        if strict and not keys:
+            raise ConfigError(f"the API key file {self.path} holds no key: write one per line.")
+        self.from_file, self.stamp = [k.encode() for k in keys], (st.st_mtime_ns, st.st_size)
+
+    def valid(self, presented: str | None) -> bool:
+        if not presented or not presented.isascii():
+            return False
+        if self.path is not None:
+            self._reload()
+        given = presented.encode()
+        ok = False
+        for key in self.given + self.from_file:  # every key compared, so the time says nothing of which matched
+            ok |= secrets.compare_digest(given, key)
+        return ok
+
+
+OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json")  # and /static/..., /docs/...: what a stranger may load
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
+                    (b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin")]
+
+
+def parse_rate(text: str) -> limits.RateLimitItem:
+    try:
+        return limits.parse(text)
+    except ValueError:
+        raise ConfigError(f"--rate-limit {text!r} is not a rate: write it as 60/minute, 5/second or "
+                          "1000/hour.") from None
+
+
+def _json(status: int, detail: str, headers: dict[str, str] | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"detail": detail}, status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware in front of everything: security headers on every answer; the rate per client (429 with
+    Retry-After); the API key on every API route (401), checked before the body is read."""
+
+    def __init__(self, app, rate: limits.RateLimitItem, keys: Keys):
+        self.app, self.rate, self.keys = app, rate, keys
+        self.limiter = limits.strategies.MovingWindowRateLimiter(limits.storage.MemoryStorage())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    h for h in SECURITY_HEADERS if h[0] not in names]
+            await send(message)
+
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted below a prefix: the path within this app
+            path = path[len(root):] or "/"
+        refusal = None
+        if path != "/health":
+            client = (scope.get("client") or ("unknown", 0))[0]
+            if not self.limiter.hit(self.rate, client):
+                reset = self.limiter.get_window_stats(self.rate, client).reset_time
+                wait = max(1, math.ceil(reset - time.time()))
+                refusal = _json(429, f"too many requests: at most {self.rate} from one address; try again in "
+                                     f"{wait} s", {"Retry-After": str(wait)})
+        if refusal is None and self.keys.required and scope["method"] != "OPTIONS" and not (  # CORS preflights
+                path in OPEN_PATHS or path.startswith(("/static/", "/docs/"))):
+            headers = dict((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
+            auth = headers.get("authorization", "")
+            presented = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key")
+            if not self.keys.valid(presented):
+                refusal = _json(401, "this server needs an API key: send it as 'Authorization: Bearer KEY' or "
+                                     "'X-API-Key: KEY'" if not presented else "the API key is not valid",
+                                {"WWW-Authenticate": "Bearer"})
+        if refusal is not None:
+            return await refusal(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
 
 
 # ---------------------------------------------------------------- the state the lifespan builds
@@ -134,9 +312,14 @@ def load(run_dir: str | Path, device: str = "cpu") -> Served:
         tracked = runs.read_neurons(run_dir)
     except RunError:  # trained without --track-neurons: the final weights are still there
         tracked = {}
+    pictures = models.first_layer_pictures(predictor.model).numpy()
+    for k, frames in tracked.items():  # the page opens at one of these: each must be a neuron of this model
+        if not 1 <= k <= len(pictures) or np.ndim(frames) != 3 or np.shape(frames)[1:] != pictures.shape[1:]:
+            raise RunError(f"{run_dir.name}/neurons.npz tracks neuron {k} (frames {list(np.shape(frames))}), but "
+                           f"the first layer has neurons 1 to {len(pictures)} of {list(pictures.shape[1:])}: the "
+                           "file is damaged or from another model; delete it to serve without tracked neurons.")
     return Served(run_dir=run_dir, predictor=predictor, epoch=predictor.info["epoch"],
-                  summary=predictor.info.get("summary", {}),
-                  pictures=models.first_layer_pictures(predictor.model).numpy(), tracked=tracked,
+                  summary=predictor.info.get("summary", {}), pictures=pictures, tracked=tracked,
                   parameters=models.count_parameters(predictor.model), conv=models.is_conv(predictor.model))
 
 
@@ -144,7 +327,7 @@ def load(run_dir: str | Path, device: str = "cpu") -> Served:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the run and start the batcher when the app starts; stop the batcher when it stops."""
     served = load(app.state.run_dir, app.state.device)
-    batcher = Batcher(served.predictor)
+    batcher = Batcher(served.predictor, max_queue=app.state.policy.max_queue)
     task = asyncio.create_task(batcher.run())
     app.state.served, app.state.batcher = served, batcher
     try:
@@ -167,7 +350,11 @@ BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 
 # ---------------------------------------------------------------- the routes
 
-router = APIRouter()
+# The key itself is checked by Guard, before a body is read; these declare it, so that /docs offers to send it.
+_bearer, _header = HTTPBearer(auto_error=False, description="the API key, when the server has one"), \
+    APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, when the server has one")
+router = APIRouter(dependencies=[Depends(_bearer), Depends(_header)])
+open_router = APIRouter()  # what load balancers and strangers may read
 
 
 class Pixels(BaseModel):
@@ -185,20 +372,54 @@ def _data_url(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def _prepare_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray, str]]:
+def _declared_pixels(name: str | None, raw: bytes, max_pixels: int) -> int:
+    """An upload's width x height from its header alone (nothing decoded); HTTPException 413 above max_pixels.
+    An upload Pillow cannot identify counts 0: preprocess says what is wrong with it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(raw)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
+        raise HTTPException(413, f"{name or 'the upload'}: far more than this service's {max_pixels / 1e6:g} "
+                                 "megapixels; send a smaller image (28x28 pixels are all the model sees).") from e
+    except Exception:
+        return 0
+    if width * height > max_pixels:
+        raise HTTPException(413, f"{name or 'the upload'}: {width}x{height} pixels is more than this service's "
+                                 f"{max_pixels / 1e6:g} megapixels; send a smaller image (28x28 pixels are all the "
+                                 "model sees).")
+    return width * height
+
+
+def _prepare_uploads(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[tuple[np.ndarray, str]]:
     """Decode and preprocess (in a worker thread); HTTPException 400 names the first file that is not an image."""
     out = []
     for name, raw in uploads:
         try:
-            out.append(preprocess.prepare(raw))
+            out.append(preprocess.prepare(raw, max_pixels=max_pixels))
         except ImageError as e:
             raise HTTPException(400, f"{name or 'the upload'}: {e}") from None
     return out
 
 
+_decoders: anyio.CapacityLimiter | None = None  # made on the event loop that uses it
+
+
+async def _prepare_off_loop(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[tuple[np.ndarray, str]]:
+    global _decoders
+    if _decoders is None:
+        _decoders = anyio.CapacityLimiter(DECODERS)
+    return await anyio.to_thread.run_sync(_prepare_uploads, uploads, max_pixels, limiter=_decoders)
+
+
 async def _classify(served: Served, batcher: Batcher, prepared: list[tuple[np.ndarray, str]],
                     names: list[str | None], top_k: int, with_input: bool) -> list[dict[str, Any]]:
-    probs, scores = await batcher.outputs(np.stack([p for p, _ in prepared]))
+    try:
+        probs, scores = await batcher.outputs(np.stack([p for p, _ in prepared]))
+    except Busy:
+        raise HTTPException(503, "the model is busy: too many images are waiting; try again in a second",
+                            headers={"Retry-After": "1"}) from None
     records = []
     for i, (name, (pixels, chosen)) in enumerate(zip(names, prepared)):
         score = None if scores is None else scores[i]
@@ -210,14 +431,18 @@ async def _classify(served: Served, batcher: Batcher, prepared: list[tuple[np.nd
 
 
 @router.post("/predict", summary="Classify one or several uploaded images")
-async def predict_files(served: ServedDep, batcher: BatcherDep,
+async def predict_files(request: Request, served: ServedDep, batcher: BatcherDep,
                         file: list[UploadFile] = File(description="image files: PNG, JPEG, WebP, BMP, TIFF, GIF"),
                         top_k: TopK = TOP_K, input: WithInput = False):
+    policy: Policy = request.app.state.policy
+    if len(file) > policy.max_files:
+        raise HTTPException(413, f"{len(file)} files in one request: send at most {policy.max_files}.")
     uploads = [(f.filename, await f.read()) for f in file]
-    if sum(len(raw) for _, raw in uploads) <= INLINE_BYTES:
-        prepared = _prepare_uploads(uploads)  # small: decoding takes less than handing it to a thread
+    pixels = sum(_declared_pixels(name, raw, policy.max_pixels) for name, raw in uploads)  # 413 before decoding
+    if sum(len(raw) for _, raw in uploads) <= INLINE_BYTES and pixels <= INLINE_PIXELS:
+        prepared = _prepare_uploads(uploads, policy.max_pixels)  # small: quicker than handing it to a thread
     else:  # large: in a worker thread, so that the server goes on answering meanwhile
-        prepared = await run_in_threadpool(_prepare_uploads, uploads)
+        prepared = await _prepare_off_loop(uploads, policy.max_pixels)
     records = await _classify(served, batcher, prepared, [f.filename for f in file], top_k, input)
     return records[0] if len(records) == 1 else records
 
@@ -234,21 +459,29 @@ async def predict_pixels(body: Pixels, served: ServedDep, batcher: BatcherDep, t
     return (await _classify(served, batcher, [(pixels, "dataset")], [None], top_k, input))[0]
 
 
-@router.get("/health", summary="Whether the service answers, and with which model")
-async def health(served: ServedDep, batcher: BatcherDep):
-    return {"status": "ok", "model": served.run_dir.name, "backend": served.predictor.backend,
-            "model_calls": batcher.calls, "images": batcher.images}
+@open_router.get("/health", summary="Whether the service answers (open to all: it says nothing else)")
+async def health():
+    return {"status": "ok"}
 
 
-@router.get("/limits", summary="What the API accepts: the largest request body, and classes per answer")
-async def limits(request: Request):
-    return {"max_body_bytes": request.app.state.max_body, "top_k": {"min": 1, "max": TOP_K_MAX, "default": TOP_K}}
+@router.get("/limits", summary="What the API accepts: the largest request body, files and pixels, classes per "
+                               "answer")
+async def api_limits(request: Request):
+    policy: Policy = request.app.state.policy
+    return {"max_body_bytes": request.app.state.max_body, "max_files": policy.max_files,
+            "max_pixels": policy.max_pixels, "top_k": {"min": 1, "max": TOP_K_MAX, "default": TOP_K}}
 
 
-@router.get("/model", summary="The run's configuration, size and accuracy")
-async def model_info(served: ServedDep):
+def _no_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with every path cut to its last part: no answer names a place on the server."""
+    return {k: Path(v).name if isinstance(v, str) and ("/" in v or "\\" in v) else v for k, v in config.items()}
+
+
+@router.get("/model", summary="The run's name, configuration, size and accuracy; model calls so far")
+async def model_info(served: ServedDep, batcher: BatcherDep):
     info = served.predictor.info
-    return {"name": served.run_dir.name, "model": info["model"], "config": info["config"],
+    return {"name": served.run_dir.name, "model": info["model"], "config": _no_paths(info["config"]),
+            "backend": served.predictor.backend, "model_calls": batcher.calls, "images": batcher.images,
             "parameters": served.parameters, "epoch": served.epoch,
             "validation_accuracy": served.summary.get("best_val_accuracy"),
             "test_accuracy": served.summary.get("test_accuracy"), "classes": list(served.predictor.classes),
@@ -268,8 +501,8 @@ async def history(served: ServedDep):
 
     try:
         return runs.read_history(served.run_dir)
-    except RunError as e:
-        raise HTTPException(404, str(e)) from None
+    except RunError:  # its sentence names the run's path: not for clients
+        raise HTTPException(404, "this run has no readable history.jsonl") from None
 
 
 @router.get("/neurons", summary="The first layer's neurons: how many, which were tracked every epoch, "
@@ -296,33 +529,63 @@ async def neuron(served: ServedDep, k: int = PathParam(ge=1, description="1-base
             "frames": np.round(frames, 6).tolist()}
 
 
-@router.get("/", include_in_schema=False)
+@open_router.get("/", include_in_schema=False)
 async def page():
     return FileResponse(STATIC / "index.html")
 
 
-def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu") -> FastAPI:
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fmnist API</title>
+<link rel="stylesheet" href="docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="docs/swagger-ui-bundle.js"></script><script src="static/docs.js"></script></body></html>
+"""
+
+
+@open_router.get("/docs", include_in_schema=False)
+async def docs():
+    """Swagger UI from the swagger-ui-bundle package (FastAPI's own page loads it from a CDN and runs an inline
+    script, which the Content-Security-Policy forbids)."""
+    return HTMLResponse(DOCS_PAGE)
+
+
+def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu",
+               policy: Policy | None = None) -> FastAPI:
     """The app for one run directory (its best.pt, history.jsonl, neurons.npz and summary.json), read when the
-    app starts."""
-    run_dir = Path(run_dir)
+    app starts; `policy` says what the network may do (default: loopback's)."""
+    run_dir, policy = Path(run_dir), policy or Policy()
+    keys, rate = Keys(policy.api_keys, policy.api_key_file), parse_rate(policy.rate_limit)
     app = FastAPI(title="fmnist", version=__version__, lifespan=lifespan, max_body_size=max_body,
+                  docs_url=None, redoc_url=None,
                   description=f"Fashion-MNIST classifier from the run `{run_dir.name}` (GET /model says which). "
-                              f"Request bodies over {max_body:,} bytes are refused with 413.")
-    app.state.run_dir, app.state.device, app.state.max_body = run_dir, device, max_body
+                              f"Request bodies over {max_body:,} bytes are refused with 413."
+                              + (" Every route but /health needs the API key." if keys.required else ""))
+    app.state.run_dir, app.state.device, app.state.max_body, app.state.policy = run_dir, device, max_body, policy
+    app.state.keyed = keys.required
+    app.include_router(open_router)
     app.include_router(router)
+    app.mount("/docs", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Added last, so outermost: Guard answers first (headers, rate, key), then the Host, then CORS.
+    if policy.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(policy.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_NAMES, *policy.allowed_hosts])
+    app.add_middleware(Guard, rate=rate, keys=keys)
     return app
 
 
 # ---------------------------------------------------------------- serving policy
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), bound here so that a port in use is one sentence and port 0 can say
-    which port it got."""
+    """A socket bound to (host, port) and listening, bound here so that a port in use is one sentence and port 0
+    can say which port it got; listening at once, so that a client that connects as soon as it is told the address
+    waits in the backlog instead of being refused."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {host} port {port}: {e.strerror or e}; "
@@ -333,14 +596,86 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback ('', 0.0.0.0 and :: are every network)."""
+    if host in ("", "0.0.0.0", "::"):
+        return False
+    try:
+        return all(ipaddress.ip_address(a[4][0].split("%")[0]).is_loopback
+                   for a in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+    except (OSError, UnicodeError, ValueError):
+        return False  # listen() says what is wrong with the name
+
+
+def host_names(host: str) -> tuple[str, ...]:
+    """The Host names a client of (host) may send besides loopback's: the bound address, and for every network
+    this machine's name and addresses."""
+    names = {f"[{host}]" if ":" in host else host} if host not in ("", "0.0.0.0", "::") else set()
+    if not names:
+        with contextlib.suppress(OSError, UnicodeError):
+            names |= {socket.gethostname(), socket.getfqdn()}
+            names |= {f"[{a[4][0]}]" if ":" in a[4][0] else a[4][0]
+                      for a in socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)}
+    return tuple(sorted(n.lower() for n in names if n))
+
+
+def body_limit(mb: float) -> int:
+    """--max-body-mb in bytes; one sentence unless it is a finite number above 0."""
+    if not math.isfinite(mb) or mb <= 0 or mb * 2**20 >= 2**63:
+        raise ConfigError(f"--max-body-mb {mb} is not a size: give a number of MiB above 0, such as 10.")
+    return max(1, int(mb * 2**20))
+
+
+def _protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP protocol with a deadline on each request's head: a connection that has not sent a request's
+    line and headers within `header_timeout` seconds of opening (or of starting that request) is closed. uvicorn's
+    only timer, timeout_keep_alive, starts after an answer, so a client that never finishes its headers would
+    otherwise hold its connection for ever."""
+
+    class HeaderDeadline(HttpToolsProtocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self.deadline is None:
+                self.deadline = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _expire(self) -> None:
+            self.deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server with the app's lifespan entered around it, before the port is bound: a run that cannot
     be loaded is one sentence (uvicorn's own lifespan handling logs it as a traceback), and the address is
-    announced only once the model answers."""
+    announced only once the server accepts connections."""
 
     def __init__(self, config: uvicorn.Config, host: str, port: int, ready: Callable[[str], None]):
         super().__init__(config)
-        self.host, self.port, self.ready = host, port, ready
+        self.host, self.port, self.ready, self.url = host, port, ready, ""
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         import torch
@@ -357,21 +692,37 @@ class _Server(uvicorn.Server):
             # (with wrk at 32 clients on the 2-core VM, p99 latency 62 ms against 174 ms without).
             gc.freeze()
             host, port = sock.getsockname()[:2]
-            url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-            self.ready(f"serving {app.state.run_dir} at {url} (API docs at {url}docs; Ctrl-C stops)")
+            self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
             await super().serve(sockets=[sock])
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the server accepts: now the address may be told
+            keyed = " needs the API key;" if self.config.app.state.keyed else ""
+            self.ready(f"serving {self.config.app.state.run_dir} at {self.url} (API docs at {self.url}docs;"
+                       f"{keyed} Ctrl-C stops)")
 
 
 def serve(run_dir: str | Path, host: str, port: int, *, max_body: int = MAX_BODY, device: str = "cpu",
-          quiet: bool = False, ready: Callable[[str], None] = lambda line: None) -> None:
+          policy: Policy | None = None, insecure_no_key: bool = False, quiet: bool = False,
+          ready: Callable[[str], None] = lambda line: None) -> None:
     """Serve a run until Ctrl-C. `ready` receives one line, with the address, once the model is loaded and the
-    port bound (port 0: any free port). Every problem the caller can cause is a ConfigError, RunError or
-    PredictError, raised before anything is served."""
+    server accepts connections (port 0: any free port). Every problem the caller can cause is a ConfigError,
+    RunError or PredictError, raised before anything is served."""
+    policy = policy or Policy()
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a port: choose 0 to 65535 (0: any free port).")
     if max_body <= 0:
         raise ConfigError("the body limit (--max-body-mb) must be more than 0.")
-    app = create_app(run_dir, max_body=max_body, device=device)
+    if policy.max_files < 1:
+        raise ConfigError(f"--max-files {policy.max_files} lets no image through: give 1 or more.")
+    if not (policy.api_keys or policy.api_key_file) and not insecure_no_key and not is_loopback(host):
+        raise ConfigError(f"--host {host or repr(host)} reaches beyond this machine, so fmnist serve needs a key: "
+                          "give --api-key KEY (or FMNIST_API_KEY, or --api-key-file FILE), or --insecure-no-key "
+                          "if you mean to serve it to anyone who can reach it.")
+    policy = dataclasses.replace(policy, allowed_hosts=(*host_names(host), *policy.allowed_hosts))
+    app = create_app(run_dir, max_body=max_body, device=device, policy=policy)
     config = uvicorn.Config(app, lifespan="off",  # _Server enters the lifespan itself
+                            http=_protocol(policy.header_timeout), limit_concurrency=MAX_CONNECTIONS,
                             log_level="warning" if quiet else "info", access_log=not quiet)
     _Server(config, host, port, ready).run()

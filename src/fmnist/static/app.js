@@ -12,13 +12,40 @@ const UNSURE = "Does not look like a Fashion-MNIST product";  // what the page s
 
 class ServerDown extends Error {}
 
+// A server started with a key answers 401 without it: the page asks for it once and keeps it for this tab's
+// session (sessionStorage), sending it with every call. Calls that fail together share the one question.
+const KEY_STORE = "fmnist-api-key";
+let keyQuestion = null;  // the question being asked: a promise of whether a key was given
+let keyRefused = false;  // the person cancelled: no more questions until the page is reloaded
+function askKey(sent) {
+  const stored = sessionStorage.getItem(KEY_STORE);
+  if (stored && stored !== sent) return Promise.resolve(true);  // another call got a newer key meanwhile
+  if (keyRefused) return Promise.resolve(false);
+  if (!keyQuestion) {
+    keyQuestion = new Promise((resolve) => setTimeout(() => {
+      const key = (window.prompt(sent ? "That API key was refused. The server's API key:" :
+        "This server needs an API key. Its API key:") || "").trim();
+      if (key) sessionStorage.setItem(KEY_STORE, key); else keyRefused = true;
+      keyQuestion = null;
+      resolve(Boolean(key));
+    }, 0));
+  }
+  return keyQuestion;
+}
+
 // The JSON answer of one request; otherwise an Error whose message is a sentence for the page.
 async function api(url, options) {
-  let response;
-  try {
-    response = await fetch(url, options);
-  } catch (err) {
-    throw new ServerDown("The server is not answering: it may have stopped, or the network is down.");
+  let response, sent;
+  for (;;) {
+    sent = sessionStorage.getItem(KEY_STORE);
+    const headers = new Headers((options && options.headers) || {});
+    if (sent) headers.set("X-API-Key", sent);
+    try {
+      response = await fetch(url, { ...options, headers });
+    } catch (err) {
+      throw new ServerDown("The server is not answering: it may have stopped, or the network is down.");
+    }
+    if (response.status !== 401 || !(await askKey(sent))) break;
   }
   const text = await response.text();
   let body;
@@ -536,7 +563,9 @@ window.addEventListener("resize", () => {  // a phone turned, a window resized: 
 });
 
 fitPad();
-api("health").then((h) => { $("#model-name").textContent = `${h.model} (${h.backend})`; }).catch(() => {});
-getLimits().catch(() => {});  // asked again when a classification needs them
-api("model").then(showCalibration).catch(() => {});
+getLimits().catch(() => {});  // asked again when a classification needs them (and the key asked for, if needed)
+api("model").then((m) => {
+  $("#model-name").textContent = `${m.name} (${m.backend})`;
+  showCalibration(m);
+}).catch(() => {});
 loadExamples().catch(() => {});  // no server, no examples: the upload and the pad still say why
