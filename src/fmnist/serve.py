@@ -714,6 +714,9 @@ def serve(run_dir: str | Path, host: str, port: int, *, max_body: int = MAX_BODY
         raise ConfigError(f"--port {port} is not a port: choose 0 to 65535 (0: any free port).")
     if max_body <= 0:
         raise ConfigError("the body limit (--max-body-mb) must be more than 0.")
+    if not (math.isfinite(policy.header_timeout) and policy.header_timeout > 0):
+        raise ConfigError(f"--header-timeout {policy.header_timeout} is not a time: give seconds above 0, such as "
+                          "10.")
     if policy.max_files < 1:
         raise ConfigError(f"--max-files {policy.max_files} lets no image through: give 1 or more.")
     if not (policy.api_keys or policy.api_key_file) and not insecure_no_key and not is_loopback(host):
