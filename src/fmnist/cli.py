@@ -346,8 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policy = serve.Policy(api_keys=(serve.check_key(key, where),) if key else (),
                           api_key_file=Path(args.api_key_file) if args.api_key_file else None,
                           cors_origins=tuple(args.cors_origin), allowed_hosts=tuple(args.allowed_host),
-                          **{k: v for k, v in (("rate_limit", args.rate_limit), ("max_files", args.max_files))
-                             if v is not None})
+                          **{k: v for k, v in (("rate_limit", args.rate_limit), ("max_files", args.max_files),
+                                               ("header_timeout", args.header_timeout)) if v is not None})
     serve.serve(args.run, args.host, args.port, max_body=serve.body_limit(args.max_body_mb), device=args.device,
                 policy=policy, insecure_no_key=args.insecure_no_key, quiet=args.quiet,
                 ready=lambda line: print(f"fmnist: {line}", flush=True))
@@ -500,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-limit", help="requests per client address, every route but "
                    "/health; beyond it, 429 with Retry-After (default: 300/minute)")
     s.add_argument("--max-files", type=int, help="images per POST /predict (default: 16)")
+    s.add_argument("--header-timeout", type=float, metavar="SECONDS", help="close a connection that has not sent "
+                   "a request's line and headers within this time (default: 10)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list the registered models, their defaults and the shipped presets")
