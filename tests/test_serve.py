@@ -36,8 +36,8 @@ def _png(pixels: np.ndarray) -> bytes:
 def server(trained_run):
     """`fmnist serve RUN --port 0` in its own process; its base URL."""
     proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", str(trained_run), "--port", "0", "--quiet",
-                             "--max-body-mb", str(LIMIT_MB), "--rate-limit", "100000/minute"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--max-body-mb", str(LIMIT_MB), "--rate-limit", "100000/minute"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:\d+/", line)
     assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -187,7 +187,7 @@ def test_routes_take_what_the_dependencies_give_them(trained_run):
 
     async def go():
         async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:  # the run is loaded here, once
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:  # the run loads here, once
             served = app.state.served
             before = (await c.get("/neurons")).json()
             app.dependency_overrides[serve.get_served] = lambda: dataclasses.replace(served, tracked={})
