@@ -191,10 +191,13 @@ def test_too_many_files_too_many_pixels_and_a_flood_of_large_images(keyed):
     async def flood():
         async with httpx.AsyncClient(base_url=url, headers=h, timeout=30) as c:
             async def health_ms():
-                await asyncio.sleep(0.05)
-                t = time.perf_counter()
-                assert (await c.get("/health")).status_code == 200
-                return (time.perf_counter() - t) * 1000
+                times = []
+                for _ in range(5):
+                    await asyncio.sleep(0.01)
+                    t = time.perf_counter()
+                    assert (await c.get("/health")).status_code == 200
+                    times.append((time.perf_counter() - t) * 1000)
+                return float(np.median(times))
             return await asyncio.gather(*[c.post("/predict", files={"file": (f"{i}.png", big)}) for i in range(10)],
                                         health_ms())
 
@@ -203,7 +206,7 @@ def test_too_many_files_too_many_pixels_and_a_flood_of_large_images(keyed):
         assert a.status_code == 413 and "8000x8000 pixels is more than this service's 16 megapixels" in a.json()[
             "detail"]
     assert peak() - before < 50_000  # kB: ten decoded images would be 640 MB
-    assert ms < 1000
+    assert ms < 100
 
 
 def test_large_images_are_decoded_off_the_event_loop(keyed):
@@ -213,20 +216,20 @@ def test_large_images_are_decoded_off_the_event_loop(keyed):
 
     async def go():
         async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as c:
-            async def health_ms():
-                times = []
-                for _ in range(10):
-                    await asyncio.sleep(0.1)
-                    t = time.perf_counter()
-                    await c.get("/health")
-                    times.append((time.perf_counter() - t) * 1000)
-                return times
-            return await asyncio.gather(*[c.post("/predict", files={"file": (f"{i}.png", big)}) for i in range(8)],
-                                        health_ms())
+            posts = [asyncio.ensure_future(c.post("/predict", files={"file": (f"{i}.png", big)})) for i in range(8)]
+            times = []  # ms: /health while the images are being decoded (each about 150 ms of CPU)
+            await asyncio.sleep(0.05)
+            while not all(p.done() for p in posts) and len(times) < 50:
+                t = time.perf_counter()
+                await c.get("/health")
+                times.append((time.perf_counter() - t) * 1000)
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*posts), times
 
-    *answers, times = asyncio.run(go())
+    answers, times = asyncio.run(go())
+    print("health ms while decoding:", np.round(times).tolist())
     assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers]
-    assert float(np.median(times)) < 100, times
+    assert len(times) >= 3 and float(np.percentile(times, 75)) < 100, times
 
 
 def test_connections_that_never_finish_their_headers_are_closed(keyed):
