@@ -597,6 +597,8 @@ def _safe_streams() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = None
     _safe_streams()
+    hit: list[int] = []
+    restore = _note_interrupts(hit)
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -617,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()  # `fmnist ... | head`: the reader has gone, nothing more to say
         return 0
     except Exception as e:
+        if hit:  # Ctrl-C inside a library that turned it into its own error (torch.onnx.export does)
+            print(_interrupted(args.command if args is not None else None, e), file=sys.stderr)
+            return 130
         message = _user_error(e)
         if message is None:
             raise
@@ -624,6 +629,29 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, FmnistError) or e.rank in (None, rank):  # under torchrun: rank 0 says what all found
             print(f"fmnist: error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
         return 2
+    finally:
+        restore()
+
+
+def _note_interrupts(hit: list[int]):
+    """Python's own Ctrl-C handler, which also notes that Ctrl-C came; returns what puts the old one back."""
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return lambda: None  # ignored, or someone else's handler: theirs to keep
+
+        def note(sig, frame):
+            hit.append(sig)
+            signal.default_int_handler(sig, frame)
+
+        signal.signal(signal.SIGINT, note)
+    except ValueError:  # not the main thread
+        return lambda: None
+
+    def restore() -> None:
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(signal.SIGINT) is note:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    return restore
 
 
 def _torchrun_rank() -> int:

@@ -85,7 +85,12 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
                                f"largest relative difference in the OOD score {score_diff:.2e}); "
                                f"{path} was not written.")
 
-    files.atomic_write(path, write)
+    files.remove_stale_temps(path)  # what an export killed before left
+    try:
+        files.atomic_write(path, write)
+    except OSError as e:  # a full disk, a file size limit, a folder turned read-only
+        raise PredictError(f"cannot write {path} ({e.strerror or e}); nothing was written: free some space or "
+                           "check the folder, then export again.") from None
     return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "check": check,
             "classes": list(data.CLASSES)}
 
@@ -125,4 +130,7 @@ def _write_torchscript(wrapped, path: str, classes: list[str], meta: dict[str, A
         warnings.simplefilter("ignore")  # TorchScript is in maintenance: onnx is the format to prefer
         traced = torch.jit.trace(wrapped, torch.zeros(2, SIZE, SIZE))
         extra = {"classes.json": json.dumps(classes), "fmnist.json": json.dumps(meta)}
-        torch.jit.save(traced, path, _extra_files=extra)
+        buffer = io.BytesIO()  # torch.jit.save's own writer aborts the process when the disk is full
+        torch.jit.save(traced, buffer, _extra_files=extra)
+    with open(path, "wb") as f:  # a full disk is an OSError here, said in one sentence
+        f.write(buffer.getbuffer())

@@ -6,6 +6,7 @@ exported model (predict.py on onnxruntime) can write through it too.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -24,8 +25,11 @@ OUTPUT_MARKER = ".fmnist"  # in a folder that compare-init, tune or predict writ
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".fmnist-tmp", dir=path.parent)
+    """Call write(tmp_path), then rename over `path`: readers see the old or the new file, never half.
+
+    The temp file, .NAME.PID.RANDOM.fmnist-tmp beside `path`, names the process writing it, so that one a
+    killed process left can be told from one being written now (remove_stale_temps)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".fmnist-tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -34,6 +38,35 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: Path, older_than: float = 600.0) -> list[Path]:
+    """Remove the temp files that atomic_write(path, ...) left when its process was killed: those whose process
+    is gone, and those too old to be anyone's (written before the names carried a process, older_than seconds).
+    A temp file another process is writing now stays."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.fmnist-tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        try:
+            stale = not _alive(int(pid)) if pid.isdigit() else time.time() - tmp.stat().st_mtime > older_than
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # gone already, or not ours to remove
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> None:
