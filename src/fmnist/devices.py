@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import platform
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,28 @@ def native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without the probe: assume it does, as torch itself would
         return True
+
+
+def instruction_set() -> str:
+    """The widest vector instructions this CPU offers for the arithmetic of training, in words: "AMX",
+    "AVX-512 BF16", "AVX-512", "AVX2", "NEON" or "no AVX2": the CPU's flags where Linux lists them, else
+    torch's own probe (`torch.backends.cpu.get_cpu_capability`). Benchmarks name it beside every figure."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "NEON"
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        words = set(info.read_text().split())
+    else:  # no list of flags: torch's probe ("AVX2", "AVX512", "DEFAULT", ...) says what its kernels use
+        words = {torch.backends.cpu.get_cpu_capability().lower().replace("avx512", "avx512f")}
+    if {"amx_bf16", "amx_tile"} <= words:
+        return "AMX"
+    if "avx512_bf16" in words:
+        return "AVX-512 BF16"
+    if "avx512f" in words:
+        return "AVX-512"
+    if "avx2" in words:
+        return "AVX2"
+    return "no AVX2"
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
