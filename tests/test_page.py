@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import io
 import os
+import re
 import shutil
 import threading
 import time
@@ -32,9 +33,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PHONE = {"viewport": {"width": 390, "height": 844}, "has_touch": True, "is_mobile": True, "device_scale_factor": 2}
-DONE = "document.querySelector('#result').dataset.state === 'done'"
+DONE = "() => document.querySelector('#result').dataset.state === 'done'"
 UNSURE = "Does not look like a Fashion-MNIST product"
-EXAMPLES_SHOWN = ("[...document.querySelectorAll('#examples img')].length === 10 && "
+EXAMPLES_SHOWN = ("() => [...document.querySelectorAll('#examples img')].length === 10 && "
                   "[...document.querySelectorAll('#examples img')].every((i) => i.complete && i.naturalWidth)")
 
 
@@ -48,12 +49,13 @@ class Live:
     """`create_app(run_dir)` under uvicorn in a thread of this process, on one port across stops and starts;
     with `prefix`, mounted below that path as a reverse proxy would serve it."""
 
-    def __init__(self, run_dir: Path, prefix: str = ""):
+    def __init__(self, run_dir: Path, prefix: str = "", policy: serve.Policy | None = None):
         import uvicorn
         from starlette.applications import Starlette
         from starlette.routing import Mount
 
-        self.uvicorn, self.app, self.port = uvicorn, serve.create_app(run_dir, max_body=2**20), 0
+        policy = policy or serve.Policy(rate_limit="100000/minute")  # every test's page loads come from one address
+        self.uvicorn, self.app, self.port = uvicorn, serve.create_app(run_dir, max_body=2**20, policy=policy), 0
         self.asgi = self.app if not prefix else Starlette(
             routes=[Mount(prefix, app=self.app)], lifespan=lambda _: self.app.router.lifespan_context(self.app))
         self.prefix = prefix
@@ -100,17 +102,35 @@ def live(trained_run):
     server.stop()
 
 
+# Predicates below are written as functions ("() => ..."): Playwright would poll a bare expression with eval,
+# which the server's Content-Security-Policy forbids.
+# Every Content-Security-Policy violation of the page, as the browser reports it to the page's own listeners.
+CSP_WATCH = ("window.cspViolations = []; document.addEventListener('securitypolicyviolation', "
+             "(e) => window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));")
+
+
+def _csp_violations(p, console: list[str]) -> list[str]:
+    return [m for m in console if "Content Security Policy" in m] + (
+        [] if p.is_closed() else p.evaluate("window.cspViolations || []"))
+
+
 @pytest.fixture
 def page(browser, live):
-    """A desktop-sized page; fails the test on any script error (an uncaught promise rejection is one)."""
+    """A desktop-sized page; fails the test on any script error (an uncaught promise rejection is one) and on any
+    Content-Security-Policy violation (the server's policy allows only the page's own files)."""
     context = browser.new_context(viewport={"width": 1000, "height": 900})
+    context.add_init_script(CSP_WATCH)
     p = context.new_page()
     errors: list[str] = []
+    console: list[str] = []
     p.on("pageerror", lambda e: errors.append(str(e)))
+    p.on("console", lambda m: console.append(m.text))
     yield p
+    violations = _csp_violations(p, console)
     context.close()
     live.app.dependency_overrides.clear()
     assert not errors, errors
+    assert not violations, violations
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +185,7 @@ def _keyboard_upload(page, server: Live, shirt: Path, tmp_path: Path, asked: lis
     expected = httpx.post(server.url + "/predict", files={"file": ("s.png", shirt.read_bytes())}).json()["label"]
     page.on("filechooser", lambda chooser: None)  # file choosers are caught from now on, before any key is pressed
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelector('#model-name').textContent !== ''")
+    page.wait_for_function("() => document.querySelector('#model-name').textContent !== ''")
     page.wait_for_function(EXAMPLES_SHOWN)
     broken = page.evaluate("[...document.images].filter((i) => !i.hidden && !(i.complete && i.naturalWidth))"
                            ".map((i) => i.id)")
@@ -189,7 +209,7 @@ def _keyboard_upload(page, server: Live, shirt: Path, tmp_path: Path, asked: lis
     with page.expect_file_chooser() as chooser:
         page.keyboard.press(" ")  # Space works too
     chooser.value.set_files(str(notes))
-    page.wait_for_function("document.querySelector('#result').dataset.state === 'failed'")
+    page.wait_for_function("() => document.querySelector('#result').dataset.state === 'failed'")
     assert page.get_attribute("#error", "role") == "alert" and page.is_visible("#error")
     assert "notes.png: not an image" in page.text_content("#error")
     assert page.locator("#bars .barrow").count() == 0 and not page.is_visible("#input-img")  # no stale answer
@@ -200,7 +220,7 @@ def _keyboard_upload(page, server: Live, shirt: Path, tmp_path: Path, asked: lis
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Enter")
     chooser.value.set_files(str(big))
-    page.wait_for_function("document.querySelector('#result-prob').textContent === 'not sent'")
+    page.wait_for_function("() => document.querySelector('#result-prob').textContent === 'not sent'")
     assert "big.png is 1.5 MiB; this server takes files up to 1.0 MiB" in page.text_content("#error")
     assert len([r for r in asked if "/predict" in r]) == posts  # said at once, from GET limits, nothing sent
 
@@ -219,7 +239,7 @@ def test_tabs_neuron_field_and_slider_work_by_keyboard(page, live):
     assert page.is_visible("#explore") and not page.is_visible("#classify")
     assert page.get_attribute("#tab-explore", "aria-controls") == "explore"
     assert page.get_attribute("#explore", "role") == "tabpanel"
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
+    page.wait_for_function("() => document.querySelector('#epoch-label').textContent === 'epoch 3'")
     assert page.input_value("#neuron-input") == "5"  # the tracked neuron, from GET neurons
     assert "Loss by epoch, 1 to 3: training" in page.get_attribute("#loss-chart", "aria-label")
     assert "Neuron 5, epoch 3" in page.get_attribute("#neuron-canvas", "aria-label")
@@ -227,13 +247,13 @@ def test_tabs_neuron_field_and_slider_work_by_keyboard(page, live):
     _tab_to(page, "neuron-input")
     page.keyboard.press("Control+A")
     page.keyboard.type("6")
-    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '6'")
+    page.wait_for_function("() => document.querySelector('#neuron-canvas').dataset.neuron === '6'")
     assert page.text_content("#epoch-label").startswith("final weights only")
     assert not page.is_visible("#epoch-slider")  # nothing to scrub through
     page.keyboard.press("Control+A")
     page.keyboard.type("5")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
+    page.wait_for_function("() => document.querySelector('#epoch-label').textContent === 'epoch 3'")
     last = page.evaluate("document.querySelector('#neuron-canvas').toDataURL()")
     _tab_to(page, "epoch-slider")
     page.keyboard.press("Home")
@@ -253,7 +273,7 @@ def test_tabs_neuron_field_and_slider_work_by_keyboard(page, live):
 def test_the_neuron_field_says_what_is_wrong_and_never_shows_another_neurons_picture(page, live):
     page.goto(live.url + "/")
     page.click("#tab-explore")
-    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'")
+    page.wait_for_function("() => document.querySelector('#neuron-canvas').dataset.neuron === '5'")
     for typed, words in [("999", "no neuron 999"), ("300", "no neuron 300"), ("0", "no neuron 0"),
                          ("-1", "no neuron -1"), ("abc", "“abc” is not a whole number"), ("", "Enter a neuron")]:
         page.fill("#neuron-input", typed)
@@ -265,10 +285,10 @@ def test_the_neuron_field_says_what_is_wrong_and_never_shows_another_neurons_pic
     held = []  # the answer for neuron 6 waits until the test lets it go
     page.route("**/neurons/6", lambda route: held.append(route))
     page.fill("#neuron-input", "6")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'loading neuron 6…'")
+    page.wait_for_function("() => document.querySelector('#epoch-label').textContent === 'loading neuron 6…'")
     assert not page.is_visible("#neuron-canvas") and not page.is_visible("#neuron-message")
     held[0].continue_()
-    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '6'")
+    page.wait_for_function("() => document.querySelector('#neuron-canvas').dataset.neuron === '6'")
     assert page.is_visible("#neuron-canvas") and page.get_attribute("#neuron-input", "aria-invalid") == "false"
     assert page.text_content("#epoch-label").startswith("final weights only (best.pt, epoch")
 
@@ -287,12 +307,13 @@ def test_a_phone_390_wide_never_scrolls_sideways_and_draws_sharp_charts(browser,
     page.evaluate("scrollTo(0, 0)")
     with page.expect_response(lambda r: "/predict?" in r.url) as answered:
         page.get_by_role("button", name="example photo: bag").tap()  # the photos sit above the pad, the answer below
-    page.wait_for_function(f"document.querySelector('#result-label').textContent === {_shown(answered.value.json())!r}")
+    shown = _shown(answered.value.json())
+    page.wait_for_function(f"() => document.querySelector('#result-label').textContent === {shown!r}")
     label = page.locator("#result-label").bounding_box()
     assert 0 <= label["y"] and label["y"] + label["height"] <= 844 and page.evaluate(fits)  # scrolled into view
 
     page.click("#tab-explore")
-    page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'")
+    page.wait_for_function("() => document.querySelector('#neuron-canvas').dataset.neuron === '5'")
     assert page.evaluate(fits)
     size = "(c => [c.clientWidth, c.width, c.getBoundingClientRect().right])(document.querySelector({!r}))"
     for chart in ("#loss-chart", "#acc-chart", "#neuron-canvas"):
@@ -326,7 +347,7 @@ def test_the_page_says_classifying_and_never_shows_a_stale_answer(page, live, sh
     held = Held(live.app.state.batcher)
     live.app.dependency_overrides[serve.get_batcher] = lambda: held
     _draw(page)
-    page.wait_for_function("document.querySelector('#result').dataset.state === 'waiting'")
+    page.wait_for_function("() => document.querySelector('#result').dataset.state === 'waiting'")
     assert page.text_content("#result-label") == "classifying…"  # not the previous answer
     assert "stale" in page.get_attribute("#bars", "class")  # which stays, greyed, until the new one comes
     held.go.set()
@@ -337,7 +358,7 @@ def test_the_page_says_classifying_and_never_shows_a_stale_answer(page, live, sh
 
     live.app.dependency_overrides[serve.get_batcher] = broken
     page.set_input_files("#file-input", str(shirt))
-    page.wait_for_function("document.querySelector('#result').dataset.state === 'failed'")
+    page.wait_for_function("() => document.querySelector('#result').dataset.state === 'failed'")
     assert "503" in page.text_content("#error") and "being replaced" in page.text_content("#error")
     assert answer not in page.text_content("#result") and page.locator("#bars .barrow").count() == 0
     assert not page.is_visible("#input-img")
@@ -360,16 +381,16 @@ def test_a_stopped_server_is_said_plainly_and_explore_loads_once_it_is_back(brow
         page.goto(server.url + "/")
         server.stop()
         page.click("#tab-explore")
-        page.wait_for_function("document.querySelector('#explore-status').textContent.includes('not answering')")
+        page.wait_for_function("() => document.querySelector('#explore-status').textContent.includes('not answering')")
         assert "stopped" in page.text_content("#explore-status") and page.is_visible("#explore-status")
         page.click("#tab-classify")
         _draw(page)
-        page.wait_for_function("document.querySelector('#result').dataset.state === 'failed'")
+        page.wait_for_function("() => document.querySelector('#result').dataset.state === 'failed'")
         assert "not answering" in page.text_content("#error") and page.is_visible("#error")
 
         server.start()  # the same port: Explore asks again by itself
         page.click("#tab-explore")
-        page.wait_for_function("document.querySelector('#neuron-canvas').dataset.neuron === '5'", timeout=10_000)
+        page.wait_for_function("() => document.querySelector('#neuron-canvas').dataset.neuron === '5'", timeout=10_000)
         assert page.locator("#facts dt").count() == 5 and not page.is_visible("#explore-status")
         assert not errors, errors  # no uncaught promise rejection on the way
     finally:
@@ -393,17 +414,17 @@ def test_the_page_classifies_an_upload_and_a_drawing_and_shows_neurons(page, liv
         _draw(page)
     rec = drawn.value.json()
     assert drawn.value.status == 200 and rec["preprocess"] == "dataset"
-    page.wait_for_function(f"document.querySelector('#result-label').textContent === {_shown(rec)!r}")
+    page.wait_for_function(f"() => document.querySelector('#result-label').textContent === {_shown(rec)!r}")
 
     page.click("#tab-explore")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 3'")
+    page.wait_for_function("() => document.querySelector('#epoch-label').textContent === 'epoch 3'")
     assert page.input_value("#neuron-input") == "5"  # the tracked neuron, at its last epoch
     last = page.evaluate("document.querySelector('#neuron-canvas').toDataURL()")
     page.fill("#epoch-slider", "0")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent === 'epoch 0'")
+    page.wait_for_function("() => document.querySelector('#epoch-label').textContent === 'epoch 0'")
     assert page.evaluate("document.querySelector('#neuron-canvas').toDataURL()") != last  # changed with the epoch
     page.fill("#neuron-input", "6")
-    page.wait_for_function("document.querySelector('#epoch-label').textContent.startsWith('final weights only')")
+    page.wait_for_function("() => document.querySelector('#epoch-label').textContent.startsWith('final weights only')")
     assert not page.is_visible("#epoch-slider")  # an untracked neuron: its final weights only
     assert page.locator("#facts dt").count() == 5
     assert not failed, failed
@@ -442,7 +463,8 @@ def test_an_example_photo_is_classified_as_an_upload_of_it_is_by_mouse_and_keybo
     page.focus("#examples button >> nth=1")  # bag.png, second in the list
     assert page.get_attribute("#examples button >> nth=1", "title") == "bag"
     page.keyboard.press("Enter")
-    page.wait_for_function(f"document.querySelector('#result-label').textContent === {expected['bag.png']['label']!r}"
+    bag = expected["bag.png"]["label"]
+    page.wait_for_function(f"() => document.querySelector('#result-label').textContent === {bag!r}"
                            " && document.querySelector('#result').dataset.state === 'done'")
     assert _focused(page) == "" and page.evaluate("document.activeElement.title") == "bag"  # focus stays put
 
@@ -454,7 +476,7 @@ def test_an_image_unlike_any_product_is_said_plainly_with_the_guess_muted(page, 
     assert rec["unsure"] is True  # the calibrated run says so, before the page is asked
     model = httpx.get(live.url + "/model").json()
     page.goto(live.url + "/")
-    page.wait_for_function("!document.querySelector('#calibration-note').hidden")
+    page.wait_for_function("() => !document.querySelector('#calibration-note').hidden")
     t = model["calibration"]["temperature"]
     temperature = f"{float(f'{t:.3g}'):g}"  # 3 significant digits, as the page writes it
     note = page.text_content("#calibration-note")
@@ -472,10 +494,60 @@ def test_an_image_unlike_any_product_is_said_plainly_with_the_guess_muted(page, 
                                 "getComputedStyle(document.querySelector('#bars .fill')).backgroundColor]")
 
     page.set_input_files("#file-input", str(shirt))  # an image like the training products: a plain answer again
-    page.wait_for_function("document.querySelector('#result').dataset.unsure === 'false' && "
+    page.wait_for_function("() => document.querySelector('#result').dataset.unsure === 'false' && "
                            "document.querySelector('#result').dataset.state === 'done'")
     assert page.text_content("#result-label") != UNSURE and not page.is_visible("#result-note")
     assert "guess" not in page.text_content("#bars-title") and "guess" not in page.get_attribute("#bars", "class")
     sure_look = page.evaluate("[getComputedStyle(document.querySelector('#result')).borderLeftWidth, "
                               "getComputedStyle(document.querySelector('#bars .fill')).backgroundColor]")
     assert unsure_look[0] != sure_look[0] and unsure_look[1] != sure_look[1]  # styled apart, bars muted
+
+
+def test_a_server_with_a_key_is_asked_for_it_once_and_the_page_works(browser, trained_run):
+    key = "page-key-0123456789"
+    server = Live(trained_run, policy=serve.Policy(api_keys=(key,), rate_limit="100000/minute")).start()
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    context.add_init_script(CSP_WATCH)
+    try:
+        page, asked, console, sent = context.new_page(), [], [], []
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept(key)))
+        page.on("console", lambda m: console.append(m.text))
+        page.on("request", lambda r: sent.append((r.url, r.headers.get("x-api-key"))))
+        page.goto(server.url + "/")
+        page.wait_for_function("() => document.querySelector('#model-name').textContent !== ''")
+        page.wait_for_function(EXAMPLES_SHOWN)
+        with page.expect_response(lambda r: "/predict/pixels" in r.url) as drawn:
+            _draw(page)
+        assert drawn.value.status == 200
+        page.wait_for_function(DONE)
+        page.click("#tab-explore")
+        page.wait_for_function("() => document.querySelector('#epoch-label').textContent === 'epoch 3'")
+        assert len(asked) == 1 and "API key" in asked[0]  # once, however many calls were refused together
+        assert page.evaluate("sessionStorage.getItem('fmnist-api-key')") == key
+        api = [(u, k) for u, k in sent if not re.search(r"/static/|/$", u)]
+        assert api and all(k == key for u, k in api[-6:]), api  # every call since sends it
+        page.reload()  # the same session: not asked again
+        page.wait_for_function("() => document.querySelector('#model-name').textContent !== ''")
+        assert len(asked) == 1
+        assert not _csp_violations(page, console)
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_the_api_docs_render_from_local_files_within_the_policy(browser, live):
+    context = browser.new_context()
+    context.add_init_script(CSP_WATCH)
+    try:
+        page, console, elsewhere = context.new_page(), [], []
+        page.on("console", lambda m: console.append(m.text))
+        page.on("request", lambda r: elsewhere.append(r.url) if not r.url.startswith(live.url) else None)
+        page.goto(live.url + "/docs")
+        # Swagger UI read openapi.json and drew a block per route (Swagger UI 4 could not read OpenAPI 3.1)
+        page.wait_for_function("() => document.querySelectorAll('.opblock').length >= 9", timeout=15_000)
+        paths = [t.replace("\u200b", "") for t in page.locator(".opblock-summary-path").all_inner_texts()]
+        assert "/predict/pixels" in paths and "/health" in paths, paths
+        assert not elsewhere, elsewhere
+        assert not _csp_violations(page, console)
+    finally:
+        context.close()

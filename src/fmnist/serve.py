@@ -8,7 +8,7 @@ POST /predict/pixels (a 28x28 JSON array, what the page's drawing canvas sends),
 GET /health, GET /limits, GET /model, GET /history, GET /neurons,
 GET /neurons/{k}, GET /examples (the product photos shipped in static/examples/,
 which the page offers to click), the OpenAPI docs at /docs (Swagger UI served
-from the swagger-ui-bundle package, nothing from a CDN), and the page at /
+from the swagger-ui-bundle-v2 package, nothing from a CDN), and the page at /
 (plain HTML, CSS and JavaScript in static/, nothing fetched from elsewhere,
 every URL relative).
 
@@ -544,8 +544,8 @@ DOCS_PAGE = """<!doctype html>
 
 @open_router.get("/docs", include_in_schema=False)
 async def docs():
-    """Swagger UI from the swagger-ui-bundle package (FastAPI's own page loads it from a CDN and runs an inline
-    script, which the Content-Security-Policy forbids)."""
+    """Swagger UI 5 (it reads OpenAPI 3.1) from the swagger-ui-bundle-v2 package: FastAPI's own page loads it from
+    a CDN and runs an inline script, which the Content-Security-Policy forbids."""
     return HTMLResponse(DOCS_PAGE)
 
 
