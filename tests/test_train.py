@@ -431,3 +431,65 @@ def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tiny_dir, tmp_pat
     said: list[str] = []
     run = train.fit(tiny_config(tiny_dir, tmp_path, precision="auto", dry_run=True), echo=said.append)
     assert run.summary["precision"] == "fp32" and not any("bfloat16" in s for s in said)  # no native bf16 here now
+
+
+def test_a_full_disk_never_leaves_a_dead_end(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    from fmnist import cli
+    from fmnist.errors import RunError
+
+    real = runs.atomic_write
+
+    def full_at(name: str, second: bool = False):
+        def write(path, fn):
+            if Path(path).name == name and (not second or Path(path).exists()):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, fn)
+        return write
+
+    cfg = tiny_config(tiny_dir, tmp_path, epochs=2)
+    monkeypatch.setattr(runs, "atomic_write", full_at("last.pt"))  # best.pt written, last.pt not
+    with pytest.raises(RunError) as e:
+        train.fit(cfg)
+    assert "No space left on device" in e.value.sentence() and "run the same command again" in e.value.sentence()
+    assert (tmp_path / "run" / "best.pt").is_file() and not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.setattr(runs, "atomic_write", real)
+    assert train.fit(cfg).dir == tmp_path / "run"  # it was "not an fmnist run": neither resumable nor restartable
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
+
+    monkeypatch.setattr(runs, "atomic_write", full_at("last.pt", second=True))  # the second epoch's last.pt
+    with pytest.raises(RunError) as e:
+        train.fit(tiny_config(tiny_dir, tmp_path, name="s", epochs=2))
+    assert "continue with: fmnist train --resume" in e.value.sentence()
+    monkeypatch.setattr(runs, "atomic_write", real)
+    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--quiet"]) == 0
+
+
+def test_paths_and_names_are_checked_before_anything_is_written(tiny_dir, tmp_path, capsys):
+    from fmnist import cli
+
+    common = ["--hidden", "8", "--epochs", "1", "--batch-size", "64", "--val-size", "100", "--device", "cpu",
+              "--no-plots", "--quiet"]
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/o\xff")
+    config = tmp_path / "c.toml"
+    config.write_text('data_dir = "ti\\u0000ny"\n')
+    for argv, words in ((["--data-dir", str(tiny_dir), "--out-dir", bad], "is not UTF-8 text"),
+                        (["--data-dir", bad, "--out-dir", str(tmp_path / "o")], "is not UTF-8 text"),
+                        (["--config", str(config), "--out-dir", str(tmp_path / "o")], "holds a NUL character"),
+                        (["--data-dir", str(tiny_dir), "--out-dir", "/dev/null"], "/dev/null is not a directory")):
+        assert cli.main(["train", *argv, "--name", "a", *common]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "tiny"]  # no folder holding only a lock
+    assert cli.main(["train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path / "o"), "--name",
+                     "cafe\u0301", *common]) == 0  # e + combining accent: café, as typed on some keyboards
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["caf\u00e9"]
+
+
+def test_an_empty_teacher_switches_off_a_presets_teacher():
+    from fmnist import cli
+
+    args = cli.build_parser().parse_args(["train", "--preset", "mlp-best", "--teacher", ""])
+    assert cli.config_mod.preset("mlp-best", TrainConfig()).teacher  # the preset has one
+    assert cli.config_from_args(args).teacher == ""

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,10 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = None) -> TrainConfig:
     """Defaults < --preset < --config < flags; a flag in `refuse` (field -> why) is an error, not ignored."""
     flags = given_fields(args)
+    if isinstance(flags.get("name"), str):  # é typed as e + a combining accent is the same name as é
+        flags["name"] = unicodedata.normalize("NFC", flags["name"])
     for name, value in flags.items():
-        if value == "" and name != "name":
+        if value == "" and name not in ("name", "teacher"):  # --teacher '': no distillation, whatever a preset says
             raise ConfigError(f"--{name.replace('_', '-')} was given an empty value.")
     for flag in ("preset", "config"):
         if getattr(args, flag) == "":
@@ -92,6 +95,7 @@ def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = N
         cfg = config_mod.preset(args.preset, cfg)
     if args.config is not None:
         cfg = config_mod.load(args.config, cfg)
+        cfg = dataclasses.replace(cfg, name=unicodedata.normalize("NFC", cfg.name))
     return config_mod.from_dict(flags, cfg, where="flags").validate()
 
 

@@ -80,6 +80,8 @@ def create(out_dir: str | Path, name: str) -> tuple[Path, bool, Any]:
     """
     config_mod.check_name(name)
     run_dir = Path(out_dir) / name
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # /dev/null, a file: mkdir(exist_ok) said nothing
+        raise RunError(f"--out-dir {out_dir} is not a directory; choose another --out-dir.")
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         run_dir.mkdir()
@@ -94,7 +96,8 @@ def create(out_dir: str | Path, name: str) -> tuple[Path, bool, Any]:
     if (run_dir / "last.pt").exists():
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name.")
     entries = {p.name for p in run_dir.iterdir() if not p.match(TEMP_GLOB)} - {LOCK_FILE}
-    if entries and not (entries <= START_FILES and is_run_config(run_dir / "config.toml")):
+    # best.pt without last.pt: a run whose first last.pt could not be written (a full disk); nothing to resume
+    if entries and not (entries <= START_FILES | {"best.pt"} and is_run_config(run_dir / "config.toml")):
         raise RunError(f"{run_dir} is not empty and is not an fmnist run; choose another --name or --out-dir.")
     held = lock(run_dir)
     clean_temp(run_dir)  # only now: the temp files cannot be another live process's
@@ -147,7 +150,7 @@ def is_run(run_dir: Path) -> bool:
 
 def remove_unstarted(run_dir: Path) -> None:
     """Delete what fmnist wrote for a run stopped before its first epoch ended (nothing there can be resumed)."""
-    for name in START_FILES:
+    for name in (*START_FILES, *(("best.pt",) if not (run_dir / "last.pt").exists() else ())):
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -169,6 +172,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     field ranges, the model's name and its own arguments, the init, the tracked
     neurons against the first layer's size, and the model's memory.
     """
+    check_paths(data_dir=cfg.data_dir, out_dir=cfg.out_dir, teacher=cfg.teacher)
     cfg.validate()  # ranges and names, the init and activation among them
     kw = models.resolve_kwargs(cfg.model, cfg.model_kwargs())
     cfg = dataclasses.replace(cfg, **{k: kw.get(k) for k in config_mod.MODEL_FIELDS})
@@ -190,6 +194,23 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"this {cfg.model} has {params:,} parameters and needs about {need / 2**30:.0f} GiB to "
                           "train, more than this machine has; choose smaller --hidden or --channels.")
     return cfg
+
+
+def check_paths(**paths: str | None) -> None:
+    """ConfigError for a path (by its flag) that no file can have or that config.toml cannot hold: one with a NUL
+    character, or bytes that are not UTF-8 (Python keeps them as lone surrogates, which TOML cannot write)."""
+    for flag, value in paths.items():
+        if not value:
+            continue
+        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\0", "\\0")
+        if "\0" in value:
+            raise ConfigError(f"--{flag.replace('_', '-')} '{shown}' holds a NUL character, "
+                              "which no path can hold; give the path again.")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"--{flag.replace('_', '-')} '{shown}' is not UTF-8 text, which a run's config.toml "
+                              "must be; choose a folder whose name is UTF-8.") from None
 
 
 def _memory_bytes() -> int:
@@ -225,6 +246,8 @@ def save_checkpoint(obj: dict, path: Path) -> None:
         atomic_write(path, lambda p: torch.save(obj, p))
     except RuntimeError as e:  # torch reports a failed write (a full disk, a vanished folder) this way
         raise RunError(f"cannot write {path} ({str(e).strip().splitlines()[0][:100]}); is the disk full?") from None
+    except OSError as e:  # the temp file itself, or the rename
+        raise RunError(f"cannot write {path} ({e.strerror or e}); is the disk full?") from None
 
 
 def load_checkpoint(path: str | Path, kind: str = "best") -> dict:

@@ -549,6 +549,21 @@ def checkpoint(t: Training, row: dict[str, Any]) -> None:
         t.best = {"val_acc": row["val_acc"], "epoch": row["epoch"]}
     if not t.world.main:
         return
+    try:
+        _save_checkpoints(t, row, improved)
+    except RunError as e:  # a full disk: what the run can do next
+        if (t.run_dir / "last.pt").is_file():
+            e.hint = f"Free some space, then continue with: fmnist train --resume {t.run_dir}"
+        else:
+            e.hint = "Free some space, then run the same command again (the run starts over)."
+        raise
+    runs.write_history(t.run_dir, t.history)
+    runs.write_neurons(t.run_dir, t.neurons)
+    if t.tb is not None:
+        _log_tensorboard(t.tb, row, t.neurons)
+
+
+def _save_checkpoints(t: Training, row: dict[str, Any], improved: bool) -> None:
     cfg_dict, digest = dataclasses.asdict(t.cfg), t.splits.digest
     if improved:
         runs.save_checkpoint({"model": _plain(t.evaluated.state_dict()), "config": cfg_dict, "epoch": row["epoch"],
@@ -562,10 +577,6 @@ def checkpoint(t: Training, row: dict[str, Any]) -> None:
                           "world_size": t.world.size,
                           "neurons": {str(k): torch.stack(v) for k, v in t.neurons.items()}},
                          t.run_dir / "last.pt")
-    runs.write_history(t.run_dir, t.history)
-    runs.write_neurons(t.run_dir, t.neurons)
-    if t.tb is not None:
-        _log_tensorboard(t.tb, row, t.neurons)
 
 
 def finish(t: Training, test: bool, command: str, started: float) -> Run:
