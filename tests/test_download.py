@@ -144,3 +144,24 @@ def test_download_replaces_a_damaged_file_in_its_destination(synthetic_server, t
     data.download(dest, base_url=synthetic_server.url, progress=False, backoff=0)
     assert data.read_idx(dest / "train-labels-idx1-ubyte.gz").shape == (600,)
     assert all(data.verify(dest).values())
+
+
+def test_a_gzip_bomb_is_inflated_no_further_than_the_real_files_size(synthetic_server, tmp_path):
+    import tracemalloc
+    import zlib
+
+    name = "train-images-idx3-ubyte.gz"
+    inflater = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: 200 MB of zeros in about 200 kB
+    zeros = bytes(1 << 20)
+    synthetic_server.files[name] = b"".join([*(inflater.compress(zeros) for _ in range(200)), inflater.flush()])
+    assert len(synthetic_server.files[name]) < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(data.DataError, match="inflates beyond the 47,040,016 bytes of the real file"):
+            data.download(tmp_path / "dl", base_url=synthetic_server.url, progress=False, retries=2, backoff=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # streamed a MiB at a time: it was inflated whole in memory (4.3 GiB for a real bomb)
+    assert synthetic_server.requests.count(name) == 2
+    assert not [p for p in (tmp_path / "dl").iterdir() if p.name.endswith(".part")]

@@ -634,3 +634,13 @@ def test_no_module_imports_train_to_write_files_and_no_cycles():
 
     for m in edges:
         reach(m, m, set())
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["models"]])
+def test_output_onto_a_full_disk_is_an_error(argv):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "fmnist", *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("fmnist: error: ") and "No space left" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1

@@ -37,6 +37,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors, in fmnist's one-sentence form
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
+    def _print_message(self, message: str, file: Any = None) -> None:  # --help: a failed write is not ignored
+        if message:
+            (file or sys.stderr).write(message)
+
+
+class _Version(argparse.Action):
+    """--version, printed so that a failed write is an error (argparse's own action ignores it: `> /dev/full`
+    exited 0)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"fmnist {__version__}\n")
+        sys.stdout.flush()
+        parser.exit()
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -388,7 +402,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmnist", description="Train, understand, tune and evaluate Fashion-MNIST classifiers.",
                 allow_abbrev=False)
-    p.add_argument("--version", action="version", version=f"fmnist {__version__}", help="print the version and exit")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # `--epoch` is not `--epochs`
     saved_data_help = "directory with the four IDX files (default: $FMNIST_DATA, else where the run found them)"
@@ -599,6 +613,34 @@ def _safe_streams() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: its exit code (SystemExit for --help and --version, as argparse gives them)."""
+    try:
+        code = _main(argv)
+    except SystemExit:
+        if not _output_written(argv):  # `fmnist --version > /dev/full`
+            raise SystemExit(2) from None
+        raise
+    return code if _output_written(argv) else 2
+
+
+def _output_written(argv: list[str] | None) -> bool:
+    """Whether what was printed reached standard output (a full disk is found at the last flush); if not, says so."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:  # `fmnist ... | head`: the reader has gone, which is no error
+        ok = True
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            print(f"fmnist: error: cannot write the output: {e.strerror or e}.", file=sys.stderr)
+        ok = False
+    if argv is None:  # the real command: what could not be written goes nowhere, not to a second error at exit
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return ok
+
+
+def _main(argv: list[str] | None) -> int:
     args = None
     _safe_streams()
     hit: list[int] = []

@@ -55,6 +55,11 @@ SHA256 = {
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 
+# the decompressed size of each file (IDX header + one byte per pixel or label): no genuine file inflates further,
+# so a download or file that does is refused at this size instead of being inflated in memory (a gzip bomb)
+SIZES = {name: (16 + COUNTS[split] * 28 * 28 if i == 0 else 8 + COUNTS[split])
+         for split, names in FILES.items() for i, name in enumerate(names)}
+
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian/Ubuntu: dataset-fashion-mnist
 LOCAL_DIR = Path("data/fashion-mnist")  # relative to the working directory
 
@@ -177,12 +182,23 @@ def locate(data_dir: str | Path | None = None) -> Path:
     )
 
 
-def _sha256_or_none(path: Path) -> str | None:
-    """SHA-256 of the decompressed content, or None when the file cannot be read."""
+def _sha256_or_none(path: Path, limit: int | None = None) -> str | None:
+    """SHA-256 of the decompressed content, inflated as a stream a MiB at a time; None when the file cannot be read
+    or inflates beyond `limit` bytes (then no more than that was ever inflated)."""
+    h, n = hashlib.sha256(), 0
     try:
-        return hashlib.sha256(_read_bytes(path)).hexdigest()
-    except DataError:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(0)
+            source = gzip.GzipFile(fileobj=f) if head == b"\x1f\x8b" else f
+            while chunk := source.read(1 << 20):
+                n += len(chunk)
+                if limit is not None and n > limit:
+                    return None
+                h.update(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError, ValueError):
         return None
+    return h.hexdigest()
 
 
 def verify(directory: str | Path) -> dict[str, bool]:
@@ -191,7 +207,7 @@ def verify(directory: str | Path) -> dict[str, bool]:
     result = {}
     for stem, digest in SHA256.items():
         p = _find_file(directory, stem)
-        result[stem] = p is not None and _sha256_or_none(p) == digest
+        result[stem] = p is not None and _sha256_or_none(p, SIZES.get(stem)) == digest
     return result
 
 
@@ -230,7 +246,7 @@ def download(dest: str | Path | None = None, base_url: str = OFFICIAL_URL, retri
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     for stem, digest in SHA256.items():
         final = dest / (stem + ".gz")
-        if final.is_file() and _sha256_or_none(final) == digest:
+        if final.is_file() and _sha256_or_none(final, SIZES.get(stem)) == digest:
             continue  # already here and verified; a damaged or foreign file is downloaded again
         problem = ""
         for attempt in range(retries):
@@ -239,14 +255,14 @@ def download(dest: str | Path | None = None, base_url: str = OFFICIAL_URL, retri
             tmp = Path(tmp)
             try:
                 _fetch(base_url + stem + ".gz", tmp, progress, timeout)
-                got = hashlib.sha256(_read_bytes(tmp)).hexdigest()
+                got = _sha256_or_none(tmp, SIZES.get(stem))
                 if got == digest:
                     os.chmod(tmp, FILE_MODE)
                     os.replace(tmp, final)
                     break
-                problem = "checksum mismatch (the file is damaged or not the real data)"
-            except DataError:
-                problem = "the file is not valid gzip/IDX"
+                problem = (f"the file is not valid gzip or inflates beyond the {SIZES.get(stem, 0):,} bytes of the "
+                           "real file" if got is None else "checksum mismatch (the file is damaged or not the real "
+                           "data)")
             except (urllib.error.URLError, OSError, ValueError) as e:
                 problem = str(getattr(e, "reason", e))
             finally:
