@@ -149,3 +149,48 @@ def test_samples_in_every_format_even_with_few_images_per_class(tmp_path, suffix
     path = plots.samples(images, labels, tmp_path / f"s{suffix}")
     assert path.stat().st_size > 1000
     assert runs.made_by_fmnist(path) == (suffix == ".png")  # PNGs carry fmnist's name; others are not overwritten
+
+
+def test_a_thousand_snapshots_are_subsampled_and_the_title_says_so(tmp_path, monkeypatch):
+    import time
+
+    from fmnist import plots
+
+    snaps = np.random.default_rng(0).normal(size=(1000, 28, 28)).astype(np.float32)
+    seen = {}
+    real = plots.save_figure
+
+    def keep(fig, path):
+        seen["panels"] = sum(1 for ax in fig.axes if ax.images)
+        seen["title"] = fig._suptitle.get_text()
+        seen["epochs"] = [ax.get_title() for ax in fig.axes if ax.images]
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    started = time.perf_counter()
+    plots.neuron_evolution(snaps, 3, tmp_path / "n.png")
+    plots.neuron_gif(snaps, 3, tmp_path / "n.gif")
+    assert time.perf_counter() - started < 30  # two minutes before
+    assert seen["panels"] == plots.MAX_PANELS and "35 of its 1000 snapshots" in seen["title"]
+    assert seen["epochs"][0] == "initial (epoch 0)" and seen["epochs"][-1] == "epoch 999"
+    assert Image.open(tmp_path / "n.gif").n_frames == plots.MAX_FRAMES
+    not_blank(tmp_path / "n.png")
+
+
+def test_a_history_with_an_impossible_epoch_is_damaged_not_a_traceback(mlp_run, tmp_path):
+    import json
+    import shutil
+
+    run, tiny = mlp_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.dir, copy)
+    rows = [json.loads(line) for line in (copy / "history.jsonl").read_text().splitlines()]
+    for key, value, words in (("epoch", 1e308, "epoch 1e+308, not a whole number"),
+                              ("val_loss", 1e308, "val_loss 1e+308"), ("train_acc", 3.0, "train_acc 3")):
+        bad = [dict(r) for r in rows]
+        bad[1][key] = value
+        (copy / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+        r = subprocess.run([sys.executable, "-m", "fmnist", "plot", str(copy), "--data-dir", str(tiny)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "is damaged: line 2 holds " + words in r.stderr, r.stderr

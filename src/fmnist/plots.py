@@ -31,6 +31,8 @@ from .runs import atomic_write  # noqa: E402
 
 DPI = 110
 DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
+MAX_PANELS = 35  # snapshots drawn in neuron_<k>.png (5 rows of 7); more are subsampled evenly, and the title says so
+MAX_FRAMES = 200  # frames of neuron_<k>.gif (100 s at 2 frames a second)
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -117,9 +119,16 @@ def samples(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int =
 
 # ---------------------------------------------------------------- what the neurons learned
 
+def shown_snapshots(count: int, most: int) -> np.ndarray:
+    """The indices of at most `most` of `count` snapshots, evenly spread, the first and the last among them."""
+    return np.arange(count) if count <= most else np.unique(np.linspace(0, count - 1, most).round().astype(int))
+
+
 def neuron_evolution(snapshots: np.ndarray, neuron: int, path: Path, conv: bool = False, cols: int = 7) -> Path:
-    """A tracked neuron's incoming weights at every snapshot, one shared symmetric colour scale."""
-    n = len(snapshots)
+    """A tracked neuron's incoming weights at every snapshot (at most MAX_PANELS of them, evenly spread, the title
+    says so), one shared symmetric colour scale."""
+    shown = shown_snapshots(len(snapshots), MAX_PANELS)
+    n = len(shown)
     cols = min(cols, n)
     rows = -(-n // cols)
     vmax = float(np.abs(snapshots).max()) or 1.0
@@ -128,24 +137,28 @@ def neuron_evolution(snapshots: np.ndarray, neuron: int, path: Path, conv: bool 
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i < n:
-            im = ax.imshow(snapshots[i], cmap=DIVERGING, vmin=-vmax, vmax=vmax, interpolation="nearest")
-            ax.set_title("initial (epoch 0)" if i == 0 else f"epoch {i}", fontsize=9)
+            e = int(shown[i])
+            im = ax.imshow(snapshots[e], cmap=DIVERGING, vmin=-vmax, vmax=vmax, interpolation="nearest")
+            ax.set_title("initial (epoch 0)" if e == 0 else f"epoch {e}", fontsize=9)
     h, w = snapshots[0].shape
     what = f"Filter {neuron} of the first convolution ({h}x{w} kernel, averaged over input channels)" if conv else \
         f"Neuron {neuron} of the first hidden layer: its {h * w} incoming weights as a {h}x{w} picture"
-    fig.suptitle(f"{what},\nbefore training and after each epoch (one colour scale for all panels)")
+    when = "before training and after each epoch" if n == len(snapshots) else \
+        f"{n} of its {len(snapshots)} snapshots, evenly spread from before training to the last epoch"
+    fig.suptitle(f"{what},\n{when} (one colour scale for all panels)")
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     return save_figure(fig, path)
 
 
 def neuron_gif(snapshots: np.ndarray, neuron: int, path: Path, size: int = 280, ms_per_frame: int = 500) -> Path:
-    """The same as an animation: one frame per snapshot, epoch written on each frame."""
+    """The same as an animation: one frame per snapshot (at most MAX_FRAMES, evenly spread), epoch written on each."""
     from PIL import Image, ImageDraw
 
     vmax = float(np.abs(snapshots).max()) or 1.0
     cmap = matplotlib.colormaps[DIVERGING]
     frames = []
-    for e, w in enumerate(snapshots):
+    for e in shown_snapshots(len(snapshots), MAX_FRAMES):
+        w = snapshots[e]
         rgb = (cmap(Normalize(-vmax, vmax)(w))[..., :3] * 255).astype(np.uint8)
         img = Image.fromarray(rgb).resize((size, size), Image.NEAREST)
         canvas = Image.new("RGB", (size, size + 24), "white")

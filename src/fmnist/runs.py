@@ -350,6 +350,9 @@ def read_history(run_dir: Path, at_least: int = 0) -> list[dict]:
             raise RunError(f"{path} is damaged: line {i} is not JSON.") from None
         if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in HISTORY_KEYS):
             raise RunError(f"{path} is damaged: line {i} lacks the numbers {', '.join(HISTORY_KEYS)}.")
+        wrong = _implausible(row)
+        if wrong:
+            raise RunError(f"{path} is damaged: line {i} holds {wrong}.")
         rows.append(row)
     if len(rows) < at_least:
         raise RunError(f"{path} is damaged: it holds {len(rows)} epochs.")
@@ -416,6 +419,20 @@ def _read(path: Path) -> str:
         raise RunError(f"{path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RunError(f"{path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}).") from None
+
+
+def _implausible(row: dict) -> str:
+    """What no training writes into a history row (a figure's axis cannot hold it either), or ""."""
+    epoch = row["epoch"]
+    if epoch != int(epoch) or not 1 <= epoch <= 1_000_000:
+        return f"epoch {epoch:g}, not a whole number from 1 to 1,000,000"
+    for k in ("train_acc", "val_acc"):
+        if not 0 <= row[k] <= 1:
+            return f"{k} {row[k]:g}, not from 0 to 1"
+    for k in ("lr", "train_loss", "val_loss", "seconds"):
+        if not 0 <= row[k] <= 1e30:
+            return f"{k} {row[k]:g}, not from 0 to 1e30"
+    return ""
 
 
 def _is_number(v: Any) -> bool:
