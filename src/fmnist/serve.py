@@ -330,6 +330,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher = Batcher(served.predictor, max_queue=app.state.policy.max_queue)
     task = asyncio.create_task(batcher.run())
     app.state.served, app.state.batcher = served, batcher
+    app.state.decoders = anyio.CapacityLimiter(DECODERS)  # on this event loop
     try:
         yield
     finally:
@@ -403,14 +404,6 @@ def _prepare_uploads(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[
     return out
 
 
-_decoders: anyio.CapacityLimiter | None = None  # made on the event loop that uses it
-
-
-async def _prepare_off_loop(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[tuple[np.ndarray, str]]:
-    global _decoders
-    if _decoders is None:
-        _decoders = anyio.CapacityLimiter(DECODERS)
-    return await anyio.to_thread.run_sync(_prepare_uploads, uploads, max_pixels, limiter=_decoders)
 
 
 async def _classify(served: Served, batcher: Batcher, prepared: list[tuple[np.ndarray, str]],
@@ -441,8 +434,9 @@ async def predict_files(request: Request, served: ServedDep, batcher: BatcherDep
     pixels = sum(_declared_pixels(name, raw, policy.max_pixels) for name, raw in uploads)  # 413 before decoding
     if sum(len(raw) for _, raw in uploads) <= INLINE_BYTES and pixels <= INLINE_PIXELS:
         prepared = _prepare_uploads(uploads, policy.max_pixels)  # small: quicker than handing it to a thread
-    else:  # large: in a worker thread, so that the server goes on answering meanwhile
-        prepared = await _prepare_off_loop(uploads, policy.max_pixels)
+    else:  # large: in a worker thread (at most DECODERS at once), so that the server goes on answering meanwhile
+        prepared = await anyio.to_thread.run_sync(_prepare_uploads, uploads, policy.max_pixels,
+                                                  limiter=request.app.state.decoders)
     records = await _classify(served, batcher, prepared, [f.filename for f in file], top_k, input)
     return records[0] if len(records) == 1 else records
 
