@@ -66,6 +66,7 @@ def test_two_processes_at_batch_b_train_the_weights_of_one_at_2b(tiny_dir, tmp_p
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s2["best_val_accuracy"] == s1["best_val_accuracy"]  # the ranks' validation counts add up to one's
+    assert not list(tmp_path.glob(".torchrun-*"))  # the note for restarts goes with the launch
 
 
 @pytest.mark.slow
@@ -129,6 +130,21 @@ def test_torchrun_restarts_a_killed_worker_from_last_pt(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (runs_[0] / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 61))
     assert f"torchrun restarted this training: continuing {runs_[0]}" in out
+    assert "Traceback" not in out and "another process of this training stopped" in out  # not gloo's traceback
+    assert not list(tmp_path.glob(".torchrun-*"))  # the note for restarts goes with the launch
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_is_said_once_and_leaves_no_note(tiny_dir, tmp_path):
+    args = ["--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, "--epochs", "200", "--name", "c"]
+    p = torchrun(*args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(tmp_path / "c" / "last.pt", p)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches torchrun and every worker
+    rc, out = finish(p)
+    assert rc != 0
+    assert out.count("fmnist: interrupted") == 1, out  # every rank said it
+    assert "terminate called" not in out and "[rank1]" not in out, out
+    assert not list(tmp_path.glob(".torchrun-*")) and (tmp_path / "c" / "last.pt").is_file()
 
 
 def test_a_global_batch_that_does_not_split_is_one_sentence(tiny_dir, tmp_path):

@@ -659,14 +659,16 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt as e:
         if argv is None:  # the real command (not a caller in Python): a second Ctrl-C must not break the way out
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(_interrupted(args.command if args is not None else None, e), file=sys.stderr)
+        if _torchrun_rank() == 0:  # under torchrun every rank gets Ctrl-C: rank 0 says it once
+            print(_interrupted(args.command if args is not None else None, e), file=sys.stderr)
         return 130
     except BrokenPipeError:
         sys.stderr.close()  # `fmnist ... | head`: the reader has gone, nothing more to say
         return 0
     except Exception as e:
-        if hit:  # Ctrl-C inside a library that turned it into its own error (torch.onnx.export does)
-            print(_interrupted(args.command if args is not None else None, e), file=sys.stderr)
+        if hit:  # Ctrl-C inside a library that turned it into its own error (torch.onnx.export, gloo)
+            if _torchrun_rank() == 0:
+                print(_interrupted(args.command if args is not None else None, e), file=sys.stderr)
             return 130
         message = _user_error(e)
         if message is None:

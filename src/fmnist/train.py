@@ -271,6 +271,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     world, device = distributed.start(cfg.device)
     if not world.main:  # one voice: rank 0's
         echo, progress = (lambda s: None), False
+    out_dir, ended = cfg.out_dir, False
     try:
         cfg, resumed, saved, device = open_run(cfg, resume, world, device, echo)
         teacher = load_teacher(cfg, device)  # before anything is written: a missing teacher is one sentence
@@ -300,12 +301,19 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
                 finally:
                     if t.tb is not None:
                         t.tb.close()
-                return finish(t, test, command, started)
+                run = finish(t, test, command, started)
+                ended = True
+                return run
         except KeyboardInterrupt:
             if not world.main:
                 raise
             raise interrupted(cfg, run_dir, made_here=created) from None
         except RuntimeError as e:
+            if world.size > 1 and _lost_peer(e):  # another rank died (killed, out of memory): gloo's traceback
+                last = run_dir / "last.pt"
+                how = (f"torchrun starts it again from {last} if --max-restarts allows, or continue with: fmnist "
+                       f"train --resume {run_dir}") if last.is_file() else "run the same command again"
+                raise TrainError(f"another process of this training stopped ({_first_line(e)}); {how}.") from None
             if "memory" in str(e).lower() and ("allocat" in str(e).lower() or "out of" in str(e).lower()):
                 raise TrainError(f"out of memory while training ({str(e).splitlines()[0][:120]}); "
                                  "choose a smaller --batch-size or model.") from None
@@ -314,6 +322,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
             if held is not None:
                 held.close()  # the run directory is free for the next process
     finally:
+        if world.main and (ended or isinstance(sys.exc_info()[1], KeyboardInterrupt) or _last_attempt()):
+            _drop_restart_note(out_dir)  # no attempt of this launch comes after this one
         if world.size > 1:
             distributed.stop()
 
@@ -414,6 +424,33 @@ def _note_for_restarts(out_dir: str, name: str) -> None:
     note = _restart_note(out_dir)
     if note is not None:
         runs.write_text(note, name + "\n")
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the group is gone."""
+    text = str(e)
+    return any(w in text for w in ("gloo", "Connection reset", "Connection closed", "Broken pipe", "NCCL"))
+
+
+def _first_line(e: BaseException) -> str:
+    line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line.split("] ", 1)[-1].split(". ", 1)[0][:100].rstrip(". ")  # gloo's lines start with its source file
+
+
+def _last_attempt() -> bool:
+    """Whether torchrun starts no further attempt after this one ends, however it ends."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) >= int(
+            os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    except ValueError:
+        return True
+
+
+def _drop_restart_note(out_dir: str) -> None:
+    note = _restart_note(out_dir)
+    if note is not None:
+        with contextlib.suppress(OSError, ValueError):
+            note.unlink(missing_ok=True)
 
 
 def _restarted_run(cfg: TrainConfig) -> Path | None:
