@@ -21,9 +21,10 @@ from playwright.sync_api import sync_playwright
 HERE = Path(__file__).resolve().parent
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DONE = "document.querySelector('#result').dataset.state === 'done'"
+# Predicates are functions: Playwright would poll a bare expression with eval, which the page's CSP forbids.
+DONE = "() => document.querySelector('#result').dataset.state === 'done'"
 TROUSERS = [(0.36, 0.1), (0.64, 0.1), (0.7, 0.9), (0.55, 0.9), (0.5, 0.35), (0.45, 0.9), (0.3, 0.9)]  # one stroke
-NEURON_SHOWN = "document.querySelector('#neuron-canvas').dataset.neuron !== undefined"
+NEURON_SHOWN = "() => document.querySelector('#neuron-canvas').dataset.neuron !== undefined"
 
 
 def classify(page, url: str) -> None:
