@@ -106,11 +106,12 @@ def write(directory: Path, images: np.ndarray, condition: str, seed: int) -> lis
 
 
 def cpu() -> str:
+    from fmnist import devices
+
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
                 platform.processor() or "unknown CPU")
-    best = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f" {f}" in flags), "no AVX2")
-    return f"{name}, {best}, {os.cpu_count()} cores"
+    return f"{name}, {devices.instruction_set()}, {os.cpu_count()} cores"
 
 
 def speed(repeats: int) -> None:

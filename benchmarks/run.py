@@ -63,7 +63,8 @@ def machine() -> str:
     except OSError:
         pass
     bf16 = "native bf16" if devices.native_bf16() else "no native bf16"
-    return f"{name}, {devices.cores()} cores ({bf16}), torch {torch.__version__}, no GPU used"
+    return (f"{name}, {devices.instruction_set()}, {devices.cores()} cores ({bf16}), torch {torch.__version__}, "
+            "no GPU used")
 
 
 def tutorial(name: str, model: torch.nn.Module, splits: data.Splits, epochs: int, target: float | None) -> dict:

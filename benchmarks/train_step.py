@@ -85,7 +85,7 @@ def main() -> None:
     macs = models.macs_per_image(models.create(args.model))
     base = statistics.median(rates["fp32"])
     print(f"model {args.model}, {macs / 1e6:.2f}M multiply-adds per image, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads, CPU {devices.instruction_set()}\n")
     print("| setting | images/s (median) | vs fp32 | achieved GFLOP/s |")
     print("| --- | ---: | ---: | ---: |")
     for name, r in rates.items():
