@@ -367,7 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           **{k: v for k, v in (("rate_limit", args.rate_limit), ("max_files", args.max_files),
                                                ("header_timeout", args.header_timeout)) if v is not None})
     serve.serve(args.run, args.host, args.port, max_body=serve.body_limit(args.max_body_mb), device=args.device,
-                policy=policy, insecure_no_key=args.insecure_no_key, quiet=args.quiet,
+                policy=policy, insecure_no_key=args.insecure_no_key, quiet=args.quiet, log_format=args.log_format,
                 ready=lambda line: print(f"fmnist: {line}", flush=True))
     return 0
 
@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=config_mod.DEVICES, help="auto, cpu, cuda or mps "
                                                                                "(default: cpu)")
     s.add_argument("--quiet", action="store_true", help="no log line per request")
+    s.add_argument("--log-format", choices=("text", "json"), default="text", help="text: uvicorn's access log; json: "
+                   "one JSON object per request on stderr (method, route, path, status, duration_ms, client), even "
+                   "with --quiet (default: %(default)s)")
     s.add_argument("--api-key", metavar="KEY", help="require this key on every API route (as 'Authorization: "
                    "Bearer KEY' or 'X-API-Key: KEY'); other users of this machine can read a command line, so "
                    "prefer the environment variable FMNIST_API_KEY or --api-key-file")

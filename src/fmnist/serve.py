@@ -72,7 +72,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import __version__, predict, preprocess
+from . import __version__, metrics, predict, preprocess
 from .errors import ConfigError, ImageError, RunError
 
 MAX_BODY = 10 * 2**20  # bytes: the default limit on a request body (10 MiB)
@@ -100,8 +100,9 @@ class Batcher:
     """One task feeds the model; the requests waiting when it is free go in together as one batch. At most
     max_queue images wait (more raise Busy), so that a flood costs refusals, not memory."""
 
-    def __init__(self, predictor: predict.Predictor, max_batch: int = 1024, max_queue: int = MAX_QUEUE):
-        self.predictor, self.max_batch, self.max_queue = predictor, max_batch, max_queue
+    def __init__(self, predictor: predict.Predictor, max_batch: int = 1024, max_queue: int = MAX_QUEUE,
+                 watch: metrics.Metrics | None = None):
+        self.predictor, self.max_batch, self.max_queue, self.watch = predictor, max_batch, max_queue, watch
         self.queue: asyncio.Queue = asyncio.Queue()
         self.waiting = 0  # images in the queue
         self.calls = self.images = 0  # model calls and images so far: images / calls is the mean batch
@@ -114,6 +115,8 @@ class Batcher:
                 waiting.append(self.queue.get_nowait())
                 size += len(waiting[-1][0])
             self.waiting -= size
+            if self.watch:
+                self.watch.queue.set(self.waiting)
             x = np.concatenate([pixels for pixels, _ in waiting])
             try:
                 probs, scores = await asyncio.to_thread(self.predictor.outputs, x)
@@ -124,6 +127,8 @@ class Batcher:
                 continue
             self.calls += 1
             self.images += len(x)
+            if self.watch:
+                self.watch.model_call(len(x))
             start = 0
             for pixels, future in waiting:
                 if not future.done():  # its client may have gone
@@ -138,6 +143,8 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((pixels, future))
         self.waiting += len(pixels)
+        if self.watch:
+            self.watch.queue.set(self.waiting)
         return await future
 
 
@@ -209,7 +216,7 @@ class Keys:
         return ok
 
 
-OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json")  # and /static/..., /docs/...: what a stranger may load
+OPEN_PATHS = ("/", "/health", "/ready", "/docs", "/openapi.json")  # and /static/..., /docs/...: open to strangers
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
@@ -255,7 +262,7 @@ class Guard:
         if root and path.startswith(root):  # mounted below a prefix: the path within this app
             path = path[len(root):] or "/"
         refusal = None
-        if path != "/health":
+        if path not in ("/health", "/ready"):  # what load balancers poll
             client = (scope.get("client") or ("unknown", 0))[0]
             if not self.limiter.hit(self.rate, client):
                 reset = self.limiter.get_window_stats(self.rate, client).reset_time
@@ -327,13 +334,15 @@ def load(run_dir: str | Path, device: str = "cpu") -> Served:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the run and start the batcher when the app starts; stop the batcher when it stops."""
     served = load(app.state.run_dir, app.state.device)
-    batcher = Batcher(served.predictor, max_queue=app.state.policy.max_queue)
+    batcher = Batcher(served.predictor, max_queue=app.state.policy.max_queue, watch=app.state.metrics)
     task = asyncio.create_task(batcher.run())
     app.state.served, app.state.batcher = served, batcher
     app.state.decoders = anyio.CapacityLimiter(DECODERS)  # on this event loop
+    app.state.ready = True
     try:
         yield
     finally:
+        app.state.ready = False  # shutting down: a load balancer sends no more
         task.cancel()
 
 
@@ -458,6 +467,21 @@ async def health():
     return {"status": "ok"}
 
 
+@open_router.get("/ready", summary="200 once the model is loaded and requests are taken; 503 before, and while "
+                                    "shutting down (open to all, as /health)")
+async def ready(request: Request):
+    if not getattr(request.app.state, "ready", False):
+        raise HTTPException(503, "the model is not loaded yet", headers={"Retry-After": "1"})
+    return {"status": "ready"}
+
+
+@router.get("/metrics", summary="Requests, latency, batch sizes, queue and model calls in Prometheus' text format")
+async def prometheus_metrics(request: Request):
+    from starlette.responses import Response
+
+    return Response(request.app.state.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+
 @router.get("/limits", summary="What the API accepts: the largest request body, files and pixels, classes per "
                                "answer")
 async def api_limits(request: Request):
@@ -544,9 +568,10 @@ async def docs():
 
 
 def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu",
-               policy: Policy | None = None) -> FastAPI:
+               policy: Policy | None = None, log_format: str = "text") -> FastAPI:
     """The app for one run directory (its best.pt, history.jsonl, neurons.npz and summary.json), read when the
-    app starts; `policy` says what the network may do (default: loopback's)."""
+    app starts; `policy` says what the network may do (default: loopback's); log_format "json": one JSON line per
+    request on stderr (metrics.Observe)."""
     run_dir, policy = Path(run_dir), policy or Policy()
     keys, rate = Keys(policy.api_keys, policy.api_key_file), parse_rate(policy.rate_limit)
     app = FastAPI(title="fmnist", version=__version__, lifespan=lifespan, max_body_size=max_body,
@@ -555,7 +580,7 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
                               f"Request bodies over {max_body:,} bytes are refused with 413."
                               + (" Every route but /health needs the API key." if keys.required else ""))
     app.state.run_dir, app.state.device, app.state.max_body, app.state.policy = run_dir, device, max_body, policy
-    app.state.keyed = keys.required
+    app.state.keyed, app.state.metrics, app.state.ready = keys.required, metrics.Metrics(), False
     app.include_router(open_router)
     app.include_router(router)
     app.mount("/docs", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")
@@ -566,6 +591,7 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_NAMES, *policy.allowed_hosts])
     app.add_middleware(Guard, rate=rate, keys=keys)
+    app.add_middleware(metrics.Observe, metrics=app.state.metrics, log_json=log_format == "json")  # sees every answer
     return app
 
 
@@ -579,7 +605,6 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(2048)  # uvicorn's backlog
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {host} port {port}: {e.strerror or e}; "
@@ -687,11 +712,12 @@ class _Server(uvicorn.Server):
             gc.freeze()
             host, port = sock.getsockname()[:2]
             self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+            self.ready(f"serving at {self.url}")
             await super().serve(sockets=[sock])
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started:  # the server accepts: now the address may be told
+        if False:  # the server accepts: now the address may be told
             keyed = " needs the API key;" if self.config.app.state.keyed else ""
             self.ready(f"serving {self.config.app.state.run_dir} at {self.url} (API docs at {self.url}docs;"
                        f"{keyed} Ctrl-C stops)")
@@ -699,7 +725,7 @@ class _Server(uvicorn.Server):
 
 def serve(run_dir: str | Path, host: str, port: int, *, max_body: int = MAX_BODY, device: str = "cpu",
           policy: Policy | None = None, insecure_no_key: bool = False, quiet: bool = False,
-          ready: Callable[[str], None] = lambda line: None) -> None:
+          log_format: str = "text", ready: Callable[[str], None] = lambda line: None) -> None:
     """Serve a run until Ctrl-C. `ready` receives one line, with the address, once the model is loaded and the
     server accepts connections (port 0: any free port). Every problem the caller can cause is a ConfigError,
     RunError or PredictError, raised before anything is served."""
@@ -718,8 +744,8 @@ def serve(run_dir: str | Path, host: str, port: int, *, max_body: int = MAX_BODY
                           "give --api-key KEY (or FMNIST_API_KEY, or --api-key-file FILE), or --insecure-no-key "
                           "if you mean to serve it to anyone who can reach it.")
     policy = dataclasses.replace(policy, allowed_hosts=(*host_names(host), *policy.allowed_hosts))
-    app = create_app(run_dir, max_body=max_body, device=device, policy=policy)
+    app = create_app(run_dir, max_body=max_body, device=device, policy=policy, log_format=log_format)
     config = uvicorn.Config(app, lifespan="off",  # _Server enters the lifespan itself
                             http=_protocol(policy.header_timeout), limit_concurrency=MAX_CONNECTIONS,
-                            log_level="warning" if quiet else "info", access_log=not quiet)
+                            log_level="warning" if quiet else "info", access_log=not quiet and log_format == "text")
     _Server(config, host, port, ready).run()
