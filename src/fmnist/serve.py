@@ -605,6 +605,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {host} port {port}: {e.strerror or e}; "
@@ -712,12 +713,11 @@ class _Server(uvicorn.Server):
             gc.freeze()
             host, port = sock.getsockname()[:2]
             self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-            self.ready(f"serving at {self.url}")
             await super().serve(sockets=[sock])
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if False:  # the server accepts: now the address may be told
+        if self.started:  # the server accepts: now the address may be told
             keyed = " needs the API key;" if self.config.app.state.keyed else ""
             self.ready(f"serving {self.config.app.state.run_dir} at {self.url} (API docs at {self.url}docs;"
                        f"{keyed} Ctrl-C stops)")
