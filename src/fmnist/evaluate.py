@@ -174,6 +174,30 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     return cal, figures
 
 
+def per_class(labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...] = data.CLASSES,
+              pairs: int = 5) -> dict[str, Any]:
+    """Precision, recall, F1 and support of each class (torchmetrics; 0 where a class is never predicted or
+    never present), their unweighted means, and the `pairs` most-confused (true, predicted) pairs with their
+    counts and the share of the true class they take."""
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
+
+    k = len(names)
+    y, p = labels.cpu().long(), predictions.cpu().long()
+    figures = {f.__name__.removeprefix("multiclass_").removesuffix("_score"): f(p, y, k, average="none").tolist()
+               for f in (multiclass_precision, multiclass_recall, multiclass_f1_score)}
+    cm = confusion_matrix(y, p, k)
+    support = cm.sum(1)
+    table = {name: {"precision": figures["precision"][i], "recall": figures["recall"][i], "f1": figures["f1"][i],
+                    "support": int(support[i])} for i, name in enumerate(names)}
+    off = cm.clone().fill_diagonal_(0)
+    order = torch.argsort(off.flatten(), descending=True, stable=True)[:pairs]
+    confused = [{"true": names[int(i) // k], "predicted": names[int(i) % k], "count": int(off.flatten()[i]),
+                 "share_of_true": float(off.flatten()[i] / max(int(support[int(i) // k]), 1))}
+                for i in order if off.flatten()[i] > 0]
+    macro = {m: sum(v) / k for m, v in figures.items()}
+    return {"per_class": table, "macro": macro, "most_confused": confused}
+
+
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: int = 10) -> torch.Tensor:
     """(classes, classes) counts: row = true class, column = predicted class."""
     cm = torch.zeros(classes, classes, dtype=torch.long)
@@ -200,12 +224,14 @@ def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = N
     with devices.cpu_share():
         s = scores(model.to(dev), cfg, images, dev, probabilities=True, features=True)
     cm = s.confusion()
-    per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
+    recall = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
     calibrated = (s.logits / cal.temperature).softmax(1)
     unsure = None if cal.threshold is None else float((cal.score(s.logits, s.features) > cal.threshold).double()
                                                       .mean())
+    classes = per_class(s.labels, s.probabilities.argmax(1))
     return dict(checkpoint=str(path), split=split, images=len(s.labels), epoch=ckpt.get("epoch"),
-                accuracy=s.accuracy, loss=s.loss, per_class_accuracy=dict(zip(data.CLASSES, per_class)),
+                accuracy=s.accuracy, loss=s.loss, per_class_accuracy=dict(zip(data.CLASSES, recall)),
+                per_class=classes["per_class"], macro=classes["macro"], most_confused=classes["most_confused"],
                 confusion_matrix=cm.tolist(), calibrated="calibration" in ckpt, temperature=cal.temperature,
                 ece=calibrate.calibration_error(s.probabilities, s.labels),
                 ece_calibrated=calibrate.calibration_error(calibrated, s.labels), ood_method=cal.method,

@@ -1,0 +1,48 @@
+"""Per-class precision, recall and F1, and the most-confused pairs, against figures counted by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmnist import evaluate
+
+
+def test_per_class_figures_and_most_confused_pairs():
+    names = ("a", "b", "c")
+    # true a: 3 right, 1 called b; true b: 2 right, 2 called c; true c: 1 right; nothing called a wrongly
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    preds = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    r = evaluate.per_class(labels, preds, names, pairs=5)
+    a, b, c = (r["per_class"][n] for n in names)
+    assert (a["precision"], a["recall"], a["support"]) == (1.0, 0.75, 4)
+    assert b["precision"] == pytest.approx(2 / 3) and b["recall"] == 0.5 and b["support"] == 4
+    assert c["precision"] == pytest.approx(1 / 3) and c["recall"] == 1.0 and c["support"] == 1
+    assert c["f1"] == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    assert r["macro"]["recall"] == pytest.approx((0.75 + 0.5 + 1) / 3)
+    # the pairs: most errors first, only pairs that happened
+    assert [(p["true"], p["predicted"], p["count"]) for p in r["most_confused"]] == [("b", "c", 2), ("a", "b", 1)]
+    assert r["most_confused"][0]["share_of_true"] == 0.5
+
+
+def test_a_class_never_predicted_or_absent_is_zero_not_nan():
+    r = evaluate.per_class(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0]), ("a", "b", "c"))
+    assert r["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}  # never predicted
+    assert r["per_class"]["c"]["support"] == 0 and r["per_class"]["c"]["f1"] == 0.0
+    assert r["most_confused"] == [{"true": "b", "predicted": "a", "count": 1, "share_of_true": 1.0}]
+
+
+def test_evaluate_run_gives_them_for_a_saved_run(trained_run):
+    from fmnist import data, runs
+
+    cfg = runs.read_config(trained_run)
+    r = evaluate.evaluate_run(trained_run, "test", data_dir=cfg.data_dir, device="cpu")
+    assert list(r["per_class"]) == list(data.CLASSES)
+    for name, figures in r["per_class"].items():  # recall is the per-class accuracy fmnist always gave
+        assert figures["recall"] == pytest.approx(r["per_class_accuracy"][name])
+    assert sum(f["support"] for f in r["per_class"].values()) == r["images"]
+    cm = torch.tensor(r["confusion_matrix"])
+    top = r["most_confused"][0] if r["most_confused"] else None
+    off = cm.clone().fill_diagonal_(0)
+    if top:
+        assert top["count"] == int(off.max())
