@@ -46,3 +46,18 @@ def test_evaluate_run_gives_them_for_a_saved_run(trained_run):
     off = cm.clone().fill_diagonal_(0)
     if top:
         assert top["count"] == int(off.max())
+
+
+def test_fmnist_evaluate_prints_the_table_and_the_pairs(trained_run, capsys):
+    from fmnist import cli, data, runs
+
+    cfg = runs.read_config(trained_run)
+    assert cli.main(["evaluate", str(trained_run), "--data-dir", cfg.data_dir, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("per class"))
+    assert lines[head].split()[2:6] == ["precision", "recall", "F1", "images"]
+    rows = [line.split() for line in lines[head + 1:head + 1 + len(data.CLASSES)]]
+    assert [r[-1] for r in rows] and all(r[-1].isdigit() for r in rows)
+    assert lines[head + 1 + len(data.CLASSES)].split()[0] == "mean"
+    assert "confusion matrix" in out

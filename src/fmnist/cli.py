@@ -173,9 +173,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"calibration: none (a run trained before fmnist calibrated): temperature 1, expected calibration "
               f"error (15 bins) {100 * r['ece']:.2f}%; never marked unsure (train again to calibrate)")
-    print("\nper-class accuracy")
-    for name, acc in r["per_class_accuracy"].items():
-        print(f"  {name:<12} {acc:.4f}")
+    print(f"\n{'per class':<14} {'precision':>9} {'recall':>8} {'F1':>8} {'images':>7}   "
+          "(recall: the accuracy on the class)")
+    for name, f in r["per_class"].items():
+        print(f"  {name:<12} {f['precision']:>9.4f} {f['recall']:>8.4f} {f['f1']:>8.4f} {f['support']:>7}")
+    m = r["macro"]
+    print(f"  {'mean':<12} {m['precision']:>9.4f} {m['recall']:>8.4f} {m['f1']:>8.4f}")
+    if r["most_confused"]:
+        print("\nmost confused (true class -> predicted)")
+        for pair in r["most_confused"]:
+            print(f"  {pair['true'] + ' -> ' + pair['predicted']:<28} {pair['count']:>5}  "
+                  f"({100 * pair['share_of_true']:.1f}% of {pair['true']})")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     short = [c.split("/")[0][:7] for c in data.CLASSES]
     print(" " * 12 + "".join(f"{s:>8}" for s in short))
@@ -368,7 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                ("header_timeout", args.header_timeout)) if v is not None})
     serve.serve(args.run, args.host, args.port, max_body=serve.body_limit(args.max_body_mb), device=args.device,
                 policy=policy, insecure_no_key=args.insecure_no_key, quiet=args.quiet, log_format=args.log_format,
-                ready=lambda line: print(f"fmnist: {line}", flush=True))
+                workers=args.workers, ready=lambda line: print(f"fmnist: {line}", flush=True))
     return 0
 
 
@@ -420,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix of a model")
+    e = sub.add_parser("evaluate", help="accuracy, loss, calibration, per-class precision, recall and F1, the "
+                                        "most-confused pairs and the confusion matrix of a model")
     e.add_argument("run", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt is used) or a .pt file")
     e.add_argument("--split", choices=("test", "val"), default="test", help="which split (default: test)")
     e.add_argument("--data-dir", help=saved_data_help)
@@ -504,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=config_mod.DEVICES, help="auto, cpu, cuda or mps "
                                                                                "(default: cpu)")
     s.add_argument("--quiet", action="store_true", help="no log line per request")
+    s.add_argument("--workers", type=int, default=1, help="processes serving the port, each with its share of "
+                   "the cores (default: %(default)s); SIGTERM stops them once the requests in flight are answered")
     s.add_argument("--log-format", choices=("text", "json"), default="text", help="text: uvicorn's access log; json: "
                    "one JSON object per request on stderr (method, route, path, status, duration_ms, client), even "
                    "with --quiet (default: %(default)s)")
