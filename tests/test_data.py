@@ -430,3 +430,27 @@ def test_training_passes_photo_aug_to_the_loader(tiny_dir, tmp_path):
     t = train.build(cfg, tmp_path, distributed.World(), data.load(tiny_dir, val_size=100), torch.device("cpu"),
                     None)
     assert t.train_loader.augment == Augment(flip=True, translate=1, erase=0.1, photo=0.25)
+
+
+def test_a_gzip_bomb_as_a_data_file_is_read_no_further_than_its_header_says(tmp_path):
+    import gzip
+    import tracemalloc
+    import zlib
+
+    x, _ = synthetic(3, 0)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    p = tmp_path / "train-images-idx3-ubyte.gz"  # a real header, then 200 MB of zeros in 200 kB
+    p.write_bytes(b"".join([deflate.compress(idx_bytes(x)), *(deflate.compress(bytes(1 << 20)) for _ in range(200)),
+                            deflate.flush()]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="longer than declared"):
+            data.read_idx(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # read whole, it took 200 MB
+    big = np.zeros((61_000, 28, 28), np.uint8)  # declares more than any Fashion-MNIST file
+    p.write_bytes(gzip.compress(idx_bytes(big), 1))
+    with pytest.raises(DataError, match="more than any Fashion-MNIST file"):
+        data.read_idx(p)

@@ -60,6 +60,8 @@ SHA256 = {
 SIZES = {name: (16 + COUNTS[split] * 28 * 28 if i == 0 else 8 + COUNTS[split])
          for split, names in FILES.items() for i, name in enumerate(names)}
 
+MAX_IDX_BYTES = max(SIZES.values())  # the most read from one IDX file
+
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian/Ubuntu: dataset-fashion-mnist
 LOCAL_DIR = Path("data/fashion-mnist")  # relative to the working directory
 
@@ -75,11 +77,26 @@ def _read_bytes(path: Path) -> bytes:
         with open(path, "rb") as f:
             head = f.read(2)
             f.seek(0)
-            if head == b"\x1f\x8b":
-                return gzip.GzipFile(fileobj=f).read()
-            return f.read()
+            source = gzip.GzipFile(fileobj=f) if head == b"\x1f\x8b" else f
+            start = source.read(4)
+            if len(start) == 4 and start[:2] == b"\0\0" and start[2] in _IDX_TYPES:
+                shape = source.read(4 * start[3])
+                dims = [int.from_bytes(shape[i:i + 4], "big") for i in range(0, len(shape) - 3, 4)]
+                declared = math.prod(dims) * np.dtype(_IDX_TYPES[start[2]]).itemsize
+                start += shape
+            else:
+                declared = 0  # not IDX: parse_idx says so from these first bytes
+            # one byte beyond what the header declares, enough for parse_idx to call the file longer than declared,
+            # and never beyond the largest Fashion-MNIST file: a gzip bomb is not inflated into memory
+            body = source.read(min(declared, MAX_IDX_BYTES) + 1)
+            if len(body) > MAX_IDX_BYTES:
+                raise DataError(f"{path} holds more than {MAX_IDX_BYTES:,} bytes of IDX data, more than any "
+                                "Fashion-MNIST file: it is not one.")
+            return start + body
     except IsADirectoryError:
         raise DataError(f"{path} is a directory, not an IDX file.") from None
+    except DataError:
+        raise
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise DataError(f"{path}: cannot be read as IDX or gzipped IDX ({reason}); replace it, for example "
@@ -100,11 +117,9 @@ def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     expected = math.prod(dims) * dtype.itemsize  # Python ints: a forged header cannot overflow them
     body = len(raw) - 4 - 4 * ndim
     if body != expected:
-        what = "truncated" if body < expected else "longer than declared"
-        raise DataError(
-            f"{name}: file is {what}: header declares {dims} ({expected} bytes of data), "
-            f"found {body} bytes."
-        )
+        found = f"found {body} bytes" if body < expected else "found more"  # a file is read no further than that
+        raise DataError(f"{name}: file is {'truncated' if body < expected else 'longer than declared'}: header "
+                        f"declares {dims} ({expected} bytes of data), {found}.")
     # A writable copy in native byte order: torch cannot wrap read-only or big-endian arrays.
     return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
 
