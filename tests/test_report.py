@@ -114,3 +114,21 @@ def test_a_run_with_damaged_files_is_one_sentence(tmp_path):
     with pytest.raises(runs.RunError, match="history.jsonl is damaged"):
         report.write(run_dir)
     assert not (run_dir / "report.html").exists()
+
+
+def test_per_class_figures_and_confused_pairs_when_given(tmp_path):
+    import torch
+
+    from fmnist import data, evaluate
+
+    labels = torch.arange(10).repeat(3)
+    preds = labels.clone()
+    preds[:3] = torch.tensor([6, 6, 2])  # T-shirt/top -> Shirt, Trouser -> Shirt, Pullover -> Pullover
+    classes = evaluate.per_class(labels, preds)
+    page = report.write(_run(tmp_path), classes).read_text()
+    table = page.split("<h2>Test results</h2>", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr[^>]*><td>(.*?)</td>", table)
+    assert rows == [html.escape(c) for c in data.CLASSES] + ["mean"]
+    assert "T-shirt/top taken for Shirt: 1 times (33.3% of T-shirt/top)" in html.unescape(page)
+    plain = report.write(_run(tmp_path, "plain")).read_text()  # without the figures: no table
+    assert "<th>precision</th>" not in plain and "most-confused" not in plain

@@ -77,6 +77,22 @@ def _history_table(history: list[dict], best_epoch: int | None) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _class_table(classes: dict) -> str:
+    """evaluate.per_class's figures as a table, and the most-confused pairs as a list."""
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>"
+    rows = [f"<tr><td>{html.escape(name)}</td><td>{f['precision']:.4f}</td><td>{f['recall']:.4f}</td>"
+            f"<td>{f['f1']:.4f}</td><td>{f['support']}</td></tr>" for name, f in classes["per_class"].items()]
+    m = classes["macro"]
+    rows.append(f"<tr class=\"best\"><td>mean</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>"
+                f"<td>{m['f1']:.4f}</td><td></td></tr>")
+    pairs = "".join(f"<li>{html.escape(p['true'])} taken for {html.escape(p['predicted'])}: {p['count']} times "
+                    f"({100 * p['share_of_true']:.1f}% of {html.escape(p['true'])})</li>"
+                    for p in classes["most_confused"])
+    return (f"<table>{head}{''.join(rows)}</table><p>Recall is the accuracy on each class; precision, how often "
+            f"the class is right when it is the answer.</p>"
+            + (f"<p>The most-confused pairs:</p><ol>{pairs}</ol>" if pairs else ""))
+
+
 def _figure(name: str, caption: str, alt: str) -> str:
     return (f'<figure><img src="plots/{html.escape(name)}" alt="{html.escape(alt)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -123,7 +139,7 @@ def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
                            (splits.train[0].numpy(), splits.train[1].numpy()),
                            models.first_layer_pictures(final_model.cpu()).numpy(), models.is_conv(final_model),
                            _reliability(scores, summary.get("temperature")))
-    return [*paths, write(run_dir)]
+    return [*paths, write(run_dir, evaluate.per_class(scores.labels, scores.probabilities.argmax(1)))]
 
 
 def _reliability(scores, temperature: float | None) -> dict:
@@ -140,8 +156,9 @@ def _reliability(scores, temperature: float | None) -> dict:
             "temperature": temperature}
 
 
-def write(run_dir: str | Path) -> Path:
-    """Write run_dir/report.html from the run's files; returns its path."""
+def write(run_dir: str | Path, classes: dict | None = None) -> Path:
+    """Write run_dir/report.html from the run's files and, when given, the test split's per-class figures
+    (evaluate.per_class); returns its path."""
     run_dir = Path(run_dir)
     summary = runs.read_summary(run_dir)
     history = runs.read_history(run_dir)
@@ -174,6 +191,7 @@ def write(run_dir: str | Path) -> Path:
     parts += [
         _figure("neurons_atlas.png", CAPTIONS["neurons_atlas.png"], "first-layer atlas"),
         "<h2>Test results</h2>",
+        *([_class_table(classes)] if classes else []),
         _figure("confusion_matrix.png", CAPTIONS["confusion_matrix.png"], "confusion matrix"),
         _figure("mistakes.png", CAPTIONS["mistakes.png"], "confident mistakes"),
         *([_figure("reliability.png", CAPTIONS["reliability.png"], "reliability diagram")]
