@@ -6,12 +6,16 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -107,3 +111,64 @@ def test_ready_is_503_until_the_model_is_loaded(trained_run):
     with client:
         assert client.get("/ready").status_code == 200
     assert app.state.ready is False  # stopped: no longer ready
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` that are worker processes (multiprocessing's spawned children)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_two_workers_share_the_port_and_their_metrics_add_up(trained_run):
+    proc, url = start(str(trained_run), "--workers", "2", "--quiet")
+    try:
+        assert len(_children(proc.pid)) == 2
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for i in range(12):  # a connection each: the kernel spreads them over the workers
+                r = httpx.post(url + "/predict", files={"file": ("x.png", _png(i), "image/png")}, timeout=30)
+                assert r.status_code == 200 and "label" in r.json()
+            m = samples(http.get("/metrics").text)
+        assert m[("fmnist_requests_total", frozenset({("method", "POST"), ("route", "/predict"),
+                                                       ("status", "200")}))] == 12
+        assert m[("fmnist_batch_images_sum", frozenset())] == 12
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_answers_the_request_in_flight(trained_run, workers):
+    proc, url = start(str(trained_run), "--workers", str(workers), "--quiet")
+    port = int(url.rsplit(":", 1)[1])
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + _png(0) + f"\r\n--{boundary}--\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                       f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode() + body[:100])
+            time.sleep(0.5)  # the head is read: the request is in flight
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)  # the server is stopping
+            s.sendall(body[100:])
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert "label" in json.loads(payload)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn ends by the signal it stopped for
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(httpx.TransportError):  # stopped: nothing listens any more
+        httpx.get(url + "/health", timeout=2)

@@ -46,6 +46,7 @@ import dataclasses
 import gc
 import io
 import ipaddress
+import json
 import math
 import os
 import secrets
@@ -330,6 +331,15 @@ def load(run_dir: str | Path, device: str = "cpu") -> Served:
                   parameters=models.count_parameters(predictor.model), conv=models.is_conv(predictor.model))
 
 
+def model_threads(workers: int) -> int:
+    """Threads for the model in each of `workers` processes: its share of the cores this process may use, less
+    one for its event loop, at least one. The batches are small, and a second thread only fights the event loop
+    (one process on the 2-core VM: 750 requests/s with 1 thread against 620 with 2, p99 130 ms against 160, with
+    wrk at 32 clients)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, workers) - 1)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the run and start the batcher when the app starts; stop the batcher when it stops."""
@@ -338,6 +348,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     task = asyncio.create_task(batcher.run())
     app.state.served, app.state.batcher = served, batcher
     app.state.decoders = anyio.CapacityLimiter(DECODERS)  # on this event loop
+    if app.state.serving:  # a server's process, not a test's
+        if served.predictor.backend != "onnxruntime":
+            import torch
+
+            torch.set_num_threads(model_threads(app.state.workers))
+        gc.collect()
+        # The model, torch and FastAPI are loaded for good: later collections need not walk them again
+        # (with wrk at 32 clients on the 2-core VM, p99 latency 62 ms against 174 ms without).
+        gc.freeze()
     app.state.ready = True
     try:
         yield
@@ -581,6 +600,7 @@ def create_app(run_dir: str | Path, max_body: int = MAX_BODY, device: str = "cpu
                               + (" Every route but /health needs the API key." if keys.required else ""))
     app.state.run_dir, app.state.device, app.state.max_body, app.state.policy = run_dir, device, max_body, policy
     app.state.keyed, app.state.metrics, app.state.ready = keys.required, metrics.Metrics(), False
+    app.state.serving, app.state.workers = False, 1  # set by serve and app_from_env: threads and gc in the lifespan
     app.include_router(open_router)
     app.include_router(router)
     app.mount("/docs", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")
@@ -646,46 +666,45 @@ def body_limit(mb: float) -> int:
     return max(1, int(mb * 2**20))
 
 
-def _protocol(header_timeout: float) -> type:
+class HeaderDeadline(HttpToolsProtocol):
     """uvicorn's HTTP protocol with a deadline on each request's head: a connection that has not sent a request's
-    line and headers within `header_timeout` seconds of opening (or of starting that request) is closed. uvicorn's
-    only timer, timeout_keep_alive, starts after an answer, so a client that never finishes its headers would
-    otherwise hold its connection for ever."""
+    line and headers within `timeout` seconds of opening (or of starting that request) is closed. uvicorn's only
+    timer, timeout_keep_alive, starts after an answer, so a client that never finishes its headers would otherwise
+    hold its connection for ever. A class of the module, so that a worker process imports it by name; `serve` and
+    `app_from_env` set its timeout in each process."""
 
-    class HeaderDeadline(HttpToolsProtocol):
-        deadline: asyncio.TimerHandle | None = None
+    timeout = HEADER_TIMEOUT  # seconds
+    deadline: asyncio.TimerHandle | None = None
 
-        def _arm(self) -> None:
-            if self.deadline is None:
-                self.deadline = self.loop.call_later(header_timeout, self._expire)
+    def _arm(self) -> None:
+        if self.deadline is None:
+            self.deadline = self.loop.call_later(self.timeout, self._expire)
 
-        def _disarm(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
-
-        def _expire(self) -> None:
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
             self.deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm()
+    def _expire(self) -> None:
+        self.deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
 
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
 
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
 
-    return HeaderDeadline
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class _Server(uvicorn.Server):
@@ -698,19 +717,9 @@ class _Server(uvicorn.Server):
         self.host, self.port, self.ready, self.url = host, port, ready, ""
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        import torch
-
         app = self.config.app
         async with app.router.lifespan_context(app):
             sock = listen(self.host, self.port)
-            # One thread for the model: the batches are small, and a second thread only fights the event loop for
-            # the other core (on the 2-core VM: 750 requests/s against 620, p99 130 ms against 160, with wrk at
-            # 32 clients).
-            torch.set_num_threads(1)
-            gc.collect()
-            # The model, torch and FastAPI are loaded for good: later collections need not walk them again
-            # (with wrk at 32 clients on the 2-core VM, p99 latency 62 ms against 174 ms without).
-            gc.freeze()
             host, port = sock.getsockname()[:2]
             self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
             await super().serve(sockets=[sock])
@@ -725,10 +734,12 @@ class _Server(uvicorn.Server):
 
 def serve(run_dir: str | Path, host: str, port: int, *, max_body: int = MAX_BODY, device: str = "cpu",
           policy: Policy | None = None, insecure_no_key: bool = False, quiet: bool = False,
-          log_format: str = "text", ready: Callable[[str], None] = lambda line: None) -> None:
+          log_format: str = "text", workers: int = 1, ready: Callable[[str], None] = lambda line: None) -> None:
     """Serve a run until Ctrl-C. `ready` receives one line, with the address, once the model is loaded and the
     server accepts connections (port 0: any free port). Every problem the caller can cause is a ConfigError,
-    RunError or PredictError, raised before anything is served."""
+    RunError or PredictError, raised before anything is served. With `workers` > 1, that many processes share the
+    port (uvicorn's process manager), each building its app with `app_from_env`; SIGTERM or Ctrl-C stops them
+    after the requests in flight are answered."""
     policy = policy or Policy()
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a port: choose 0 to 65535 (0: any free port).")
@@ -744,8 +755,65 @@ def serve(run_dir: str | Path, host: str, port: int, *, max_body: int = MAX_BODY
                           "give --api-key KEY (or FMNIST_API_KEY, or --api-key-file FILE), or --insecure-no-key "
                           "if you mean to serve it to anyone who can reach it.")
     policy = dataclasses.replace(policy, allowed_hosts=(*host_names(host), *policy.allowed_hosts))
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} starts no process: give 1 or more.")
+    HeaderDeadline.timeout = policy.header_timeout
+    if workers > 1:
+        return _serve_workers(run_dir, host, port, workers, max_body=max_body, device=device, policy=policy,
+                              quiet=quiet, log_format=log_format, ready=ready)
     app = create_app(run_dir, max_body=max_body, device=device, policy=policy, log_format=log_format)
     config = uvicorn.Config(app, lifespan="off",  # _Server enters the lifespan itself
-                            http=_protocol(policy.header_timeout), limit_concurrency=MAX_CONNECTIONS,
+                            http=HeaderDeadline, limit_concurrency=MAX_CONNECTIONS,
                             log_level="warning" if quiet else "info", access_log=not quiet and log_format == "text")
+    app.state.serving = True
     _Server(config, host, port, ready).run()
+
+
+SETTINGS_ENV = "FMNIST_SERVE_SETTINGS"  # what a worker process builds its app from: JSON that serve writes
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process (uvicorn's factory, `fmnist.serve:app_from_env`), from the settings the
+    parent process put in FMNIST_SERVE_SETTINGS: run, body limit, device, policy, log format, workers."""
+    s = json.loads(os.environ[SETTINGS_ENV])
+    p = s["policy"]
+    policy = Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items() if k != "api_key_file"},
+                    api_key_file=Path(p["api_key_file"]) if p["api_key_file"] else None)
+    HeaderDeadline.timeout = policy.header_timeout
+    app = create_app(s["run"], max_body=s["max_body"], device=s["device"], policy=policy,
+                     log_format=s["log_format"])
+    app.state.serving, app.state.workers = True, s["workers"]
+    return app
+
+
+def _serve_workers(run_dir: str | Path, host: str, port: int, workers: int, *, max_body: int, device: str,
+                   policy: Policy, quiet: bool, log_format: str, ready: Callable[[str], None]) -> None:
+    """`workers` processes on one port, started by uvicorn's process manager. The run is loaded here once first,
+    so that a run that cannot be served is one sentence, not a traceback from every worker; the metrics of all
+    workers meet in a temporary folder (metrics.py)."""
+    import tempfile
+
+    from uvicorn.supervisors import Multiprocess
+
+    load(run_dir, device)
+    gc.collect()
+    sock = listen(host, port)
+    settings = {"run": str(run_dir), "max_body": max_body, "device": device, "log_format": log_format,
+                "workers": workers,
+                "policy": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(policy).items()}}
+    with tempfile.TemporaryDirectory(prefix="fmnist-metrics-") as shared:
+        os.environ[SETTINGS_ENV] = json.dumps(settings)  # the workers' environment: private to this user
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+        config = uvicorn.Config("fmnist.serve:app_from_env", factory=True, workers=workers, http=HeaderDeadline,
+                                limit_concurrency=MAX_CONNECTIONS, log_level="warning" if quiet else "info",
+                                access_log=not quiet and log_format == "text")
+        h, p = sock.getsockname()[:2]
+        url = f"http://{f'[{h}]' if ':' in h else h}:{p}/"
+        keyed = " needs the API key;" if Keys(policy.api_keys, policy.api_key_file).required else ""
+        # The socket listens already: a client that connects now waits in its backlog until a worker accepts.
+        ready(f"serving {run_dir} at {url} with {workers} worker processes (API docs at {url}docs;{keyed} "
+              "Ctrl-C stops)")
+        try:
+            Multiprocess(config, sockets=[sock]).run()
+        finally:
+            sock.close()
