@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -80,9 +81,17 @@ def add_config_flags(p: argparse.ArgumentParser, helps: dict[str, str] | None = 
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif kind == "ints":
             g.add_argument(flag, type=_int_list, default=argparse.SUPPRESS, metavar="N,N", help=help_)
+        elif f.name == "lr":  # a number, or "auto": fmnist train runs the range test first (see lr-find)
+            g.add_argument(flag, type=_lr, default=argparse.SUPPRESS, metavar="LR|auto",
+                           help=help_ + "; 'auto' (fmnist train): run the learning-rate range test first and use "
+                                        "its suggestion (see fmnist lr-find)")
         else:
             typ = {"int": int, "float": float, "str": str}[kind]
             g.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+
+
+def _lr(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else float(text)
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +107,9 @@ def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = N
     for name, value in flags.items():
         if value == "" and name not in ("name", "teacher"):  # --teacher '': no distillation, whatever a preset says
             raise ConfigError(f"--{name.replace('_', '-')} was given an empty value.")
+    if flags.get("lr") == "auto":
+        raise ConfigError(f"--lr auto is for fmnist train (it runs the range test first); run fmnist lr-find to "
+                          f"see the suggestion, then give {args.command} that rate.")
     for flag in ("preset", "config"):
         if getattr(args, flag) == "":
             raise ConfigError(f"--{flag} was given an empty value.")
@@ -130,6 +142,7 @@ def _print_json(obj: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import train
 
+    found = None  # the range test's result, with --lr auto
     if args.resume:
         given = [k for k in given_fields(args) if k != "data_dir"]
         if given or args.config or args.preset:
@@ -138,9 +151,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "changed; only --data-dir may say where the data is now.")
         cfg = TrainConfig()
     else:
+        auto = getattr(args, "lr", None) == "auto"
+        if auto:
+            if os.environ.get("WORLD_SIZE", "1") != "1":
+                raise ConfigError("--lr auto is not run under torchrun (each rank would sweep alone): run fmnist "
+                                  "lr-find first and give its rate with --lr.")
+            del args.lr
         cfg = config_from_args(args)
+        found = _find_lr(cfg, _echo(args)) if auto else None
+        if found is not None:
+            cfg = dataclasses.replace(cfg, lr=found.suggested_lr).validate()
     run = train.fit(cfg, resume=args.resume, progress=_progress(args), echo=_echo(args),
                     command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
+    if not args.resume and found is not None:
+        _keep_lr_find(run, found)
     s = run.summary
     report = run.dir / "report.html"
     if _torchrun_rank() != 0:  # under torchrun: one voice, rank 0's
@@ -153,6 +177,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run: {run.dir}")
     if report.is_file():
         print(f"report: {report}")
+    return 0
+
+
+def _find_lr(cfg: TrainConfig, echo, sweep: tuple[float, float, int] | None = None) -> Any:
+    """The range test of `cfg` on its training split (lr_find.sweep; `sweep`: its start, end and batches),
+    with its figures said through `echo`."""
+    from . import data, devices, lr_find
+
+    splits = data.load(cfg.data_dir or None, cfg.val_size, cfg.split_seed)
+    device = devices.pick_device(cfg.device)
+    with devices.cpu_share(cfg.threads):
+        try:
+            found = lr_find.sweep(cfg, splits, device, *(sweep or ()), echo=echo)
+        except ValueError as e:
+            raise ConfigError(f"the learning-rate range test found no rate: {e} (the loss was not finite almost "
+                              "at once; try a smaller --lr-start).") from None
+    echo(f"learning-rate range test: the smoothed loss is lowest at {found.lowest_lr:.3g}; suggested "
+         f"{found.suggested_lr:.3g} ({len(found.lrs)} batches, {found.stopped})")
+    return found
+
+
+def _keep_lr_find(run: Any, found: Any) -> None:
+    """The range test that chose a run's rate, in its summary.json ("lr_find") and plots/lr_find.png."""
+    from . import plots, runs
+
+    run.summary["lr_find"] = {"suggested_lr": found.suggested_lr, "lowest_lr": found.lowest_lr,
+                              "batches": len(found.lrs), "stopped": found.stopped}
+    runs.write_summary(run.dir, run.summary)
+    plots.lr_find(found.lrs, found.losses, found.smoothed, found.suggested_lr, found.lowest_lr,
+                  run.dir / "plots" / "lr_find.png", title=f"Learning-rate range test of run {run.dir.name}")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from . import plots
+
+    if not (0 < args.lr_start < args.lr_end) or not math.isfinite(args.lr_end):
+        raise ConfigError(f"--lr-start {args.lr_start} and --lr-end {args.lr_end}: need 0 < start < end, both "
+                          "finite.")
+    if args.steps < 5:
+        raise ConfigError(f"--steps {args.steps}: the sweep needs at least 5 batches.")
+    if args.plot and Path(args.plot).suffix.lower() not in FIGURE_FORMATS:
+        raise ConfigError(f"--plot {args.plot}: the file name must end in one of {', '.join(FIGURE_FORMATS)}.")
+    cfg = config_from_args(args, refuse={"epochs": "the sweep's length is --steps"})
+    found = _find_lr(cfg, (lambda s: None) if args.quiet or args.json else (lambda s: print(s, flush=True)),
+                     (args.lr_start, args.lr_end, args.steps))
+    path = None
+    if args.plot:
+        path = plots.lr_find(found.lrs, found.losses, found.smoothed, found.suggested_lr, found.lowest_lr,
+                             Path(args.plot), title=f"Learning-rate range test: {cfg.model}, {cfg.optimizer}, "
+                                                     f"batch {cfg.batch_size}")
+    if args.json:
+        _print_json({"suggested_lr": found.suggested_lr, "lowest_lr": found.lowest_lr, "configured_lr": cfg.lr,
+                     "batches": len(found.lrs), "stopped": found.stopped,
+                     **({"plot": str(path)} if path else {}),
+                     "lrs": found.lrs, "losses": found.losses, "smoothed": found.smoothed})
+        return 0
+    print(f"suggested learning rate {found.suggested_lr:.3g} (a tenth of {found.lowest_lr:.3g}, where the "
+          f"smoothed loss is lowest); this configuration's is {cfg.lr:.3g}")
+    if path:
+        print(f"plot: {path}")
     return 0
 
 
@@ -428,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
+    lf = sub.add_parser("lr-find", help="the learning-rate range test: which rate to train at")
+    lf.add_argument("--lr-start", type=float, default=1e-6, help="the sweep's first rate (default: %(default)g)")
+    lf.add_argument("--lr-end", type=float, default=10.0, help="its last rate (default: %(default)g)")
+    lf.add_argument("--steps", type=int, default=100, help="batches in the sweep (default: %(default)s)")
+    lf.add_argument("--plot", default="lr_find.png", help="where to draw the curve ('' for none; default: "
+                                                          "%(default)s)")
+    common(lf)
+    add_config_flags(lf)
+    lf.set_defaults(func=cmd_lr_find)
+
     e = sub.add_parser("evaluate", help="accuracy, loss, calibration, per-class precision, recall and F1, the "
                                         "most-confused pairs and the confusion matrix of a model")
     e.add_argument("run", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt is used) or a .pt file")
@@ -504,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="a web page and an HTTP API for a trained run (pip install 'fmnist[serve]')")
-    s.add_argument("run", metavar="RUN_DIR", help="the run directory to serve (its best.pt)")
+    s.add_argument("run", metavar="RUN_DIR", help="the run directory to serve (its best.pt), or a model.onnx "
+                   "written by fmnist export (served with onnxruntime, without PyTorch; no neurons or curves)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
                                                        "only; 0.0.0.0 for every network)")
     s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port)")
@@ -590,6 +685,10 @@ def _preload(args: argparse.Namespace) -> None:
 
         if Path(args.model).suffix == ".onnx":
             return
+    if args.command == "serve" and Path(args.run).suffix == ".onnx":  # onnxruntime serves it: no torch
+        with contextlib.suppress(ImportError):  # cmd_serve says what is missing
+            from . import serve  # noqa: F401
+        return
     import torch  # noqa: F401
 
     from . import data, devices, distributed, evaluate, models, runs, train  # noqa: F401

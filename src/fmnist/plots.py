@@ -264,6 +264,27 @@ def reliability(before: dict, after: dict | None, path: Path, ece: tuple[float, 
     return save_figure(fig, path)
 
 
+def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggested: float, lowest: float,
+            path: Path, title: str = "") -> Path:
+    """The learning-rate range test: each batch's loss and its moving average against the rate (log scale),
+    with the lowest smoothed loss and the suggestion (a tenth of its rate) marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    ax.plot(lrs, losses, color="tab:grey", alpha=0.45, lw=1, label="loss of each batch")
+    ax.plot(lrs, smoothed, color="tab:blue", lw=2, label="smoothed: a centred median, then mean")
+    ax.axvline(lowest, color="tab:red", ls=":", lw=1.2, label=f"lowest average at {lowest:.2g}")
+    ax.axvline(suggested, color="tab:green", lw=2, label=f"suggested: a tenth, {suggested:.2g}")
+    finite = [v for v in smoothed if np.isfinite(v)]
+    if finite:  # the divergence at the end would squash the interesting part
+        low, first = min(finite), finite[0]
+        ax.set_ylim(low - 0.05 * abs(low), max(first, low) * 1.6 + 1e-9)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss",
+           title=title or "Learning-rate range test (Smith 2017)")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 # ---------------------------------------------------------------- all of a run
 
 def plot_run(run_dir: str | Path, history: list[dict], summary: dict, neurons: dict[int, np.ndarray],
