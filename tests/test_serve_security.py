@@ -43,8 +43,12 @@ def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subproce
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
     assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    # Told the address, the server must accept at once: a connection now is not refused, and it is answered.
+    with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
     return proc, match.group(0).rstrip("/")
 
 
@@ -55,7 +59,6 @@ def keyed(trained_run, tmp_path_factory):
     key_file.write_text(f"# one key a line\n{FILE_KEY}\n")
     proc, url = _start([str(trained_run), "--api-key-file", str(key_file), "--rate-limit", "100000/minute",
                         "--max-files", "3", "--header-timeout", "1"], env={"FMNIST_API_KEY": KEY})
-    # Told the address, the server must accept at once: no retry here.
     assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
     yield url, key_file, proc.pid
     proc.terminate()
