@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fmnist import serve
+from fmnist import predict, serve
 
 KEY = "operator-key-123"
 
@@ -31,11 +32,25 @@ def _png(seed: int) -> bytes:
     return out.getvalue()
 
 
-def start(*argv: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+# Python with torch made impossible to import, then fmnist's command line: what a deployment without torch runs
+NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("no torch in this deployment", name=name)
+sys.meta_path.insert(0, NoTorch())
+import fmnist
+sys.argv = ["fmnist"] + sys.argv[1:]
+sys.exit(fmnist.main())
+"""
+
+
+def start(*argv: str, python: tuple[str, ...] = ("-m", "fmnist")) -> tuple[subprocess.Popen, str]:
     """`fmnist serve ARGV --port 0` in its own process; (the process, its base URL once it answers /ready)."""
-    proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", *argv, "--port", "0",
+    proc = subprocess.Popen([sys.executable, *python, "serve", *argv, "--port", "0",
                              "--rate-limit", "100000/minute"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True)
     line = proc.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:\d+", line)
     assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -172,3 +187,31 @@ def test_sigterm_answers_the_request_in_flight(trained_run, workers):
             proc.wait()
     with pytest.raises(httpx.TransportError):  # stopped: nothing listens any more
         httpx.get(url + "/health", timeout=2)
+
+
+def test_an_exported_model_is_served_without_torch(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "fmnist", "export", str(run)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    blocked = subprocess.run([sys.executable, "-c", NO_TORCH.replace("import fmnist", "import torch")],
+                             capture_output=True, text=True)
+    assert "no torch in this deployment" in blocked.stderr  # the blocker works
+    image = tmp_path / "x.png"
+    image.write_bytes(_png(3))
+    proc, url = start(str(run / "model.onnx"), "--quiet", python=("-c", NO_TORCH))
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/predict", files={"file": ("x.png", _png(3), "image/png")})
+            assert r.status_code == 200
+            assert r.json()["label"] == predict.Predictor(run).predict([image])[0]["label"]  # PyTorch's answer
+            assert http.get("/model").json()["backend"] == "onnxruntime"
+            neurons = http.get("/neurons").json()
+            assert neurons["count"] == 0 and "PyTorch" in neurons["note"]  # what the page's Explore tab says
+            assert http.get("/neurons/1").status_code == 404
+            assert http.get("/history").status_code == 404
+            assert "fmnist_model_calls_total 1.0" in http.get("/metrics").text
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err

@@ -307,14 +307,25 @@ class Served:
         return 50 if len(self.pictures) >= 50 else 1
 
 
-def load(run_dir: str | Path, device: str = "cpu") -> Served:
-    """Read a run directory for serving: best.pt once, through its Predictor. One sentence if it cannot be."""
-    from . import models, runs
+NO_NEURONS = ("this server holds an exported model (ONNX), which keeps no layers to picture: serve the run "
+              "directory (its best.pt, with PyTorch installed) to see the neurons and the training curves")
 
+
+def load(run_dir: str | Path, device: str = "cpu") -> Served:
+    """Read a run directory for serving: best.pt once, through its Predictor; or a model.onnx that `fmnist export`
+    wrote, with onnxruntime and without torch (no neurons then, no history). One sentence if it cannot be."""
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".onnx":
+        predictor = predict.Predictor(run_dir, batch_size=1024)
+        info = predictor.info
+        return Served(run_dir=run_dir, predictor=predictor, epoch=info.get("epoch", 0),
+                      summary=info.get("summary", {}), pictures=np.zeros((0, 28, 28), np.float32), tracked={},
+                      parameters=info.get("parameters", 0), conv=False)
     if run_dir.is_file():
         raise RunError(f"{run_dir} is a file: fmnist serve takes a run directory (its best.pt, history and "
-                       "neurons).")
+                       "neurons) or a model.onnx written by fmnist export.")
+    from . import models, runs
+
     predictor = predict.Predictor(run_dir, device=device, batch_size=1024)
     try:
         tracked = runs.read_neurons(run_dir)
@@ -534,6 +545,9 @@ async def examples():
 
 @router.get("/history", summary="One row per epoch: loss, accuracy, learning rate")
 async def history(served: ServedDep):
+    if served.predictor.backend == "onnxruntime":
+        raise HTTPException(404, "an exported model carries no training history: serve its run directory to see "
+                                 "the curves")
     from . import runs
 
     try:
@@ -546,12 +560,15 @@ async def history(served: ServedDep):
                                 "which the page opens at")
 async def neurons(served: ServedDep):
     frames = max((len(a) for a in served.tracked.values()), default=1)
-    return {"count": len(served.pictures), "shape": list(served.pictures.shape[1:]), "tracked": sorted(served.tracked),
+    return {"count": len(served.pictures), "note": None if len(served.pictures) else NO_NEURONS,
+            "shape": list(served.pictures.shape[1:]), "tracked": sorted(served.tracked),
             "epochs": frames - 1, "conv": served.conv, "default": served.default_neuron}
 
 
 @router.get("/neurons/{k}", summary="A first-layer neuron's incoming weights: every epoch if tracked, else final")
 async def neuron(served: ServedDep, k: int = PathParam(ge=1, description="1-based, as --track-neurons")):
+    if not len(served.pictures):
+        raise HTTPException(404, NO_NEURONS)
     if k > len(served.pictures):
         raise HTTPException(404, f"the first layer has neurons 1 to {len(served.pictures)}")
     if k in served.tracked:

@@ -375,6 +375,14 @@ async function loadExplore() {
     drawCharts();
     neuronInfo = neurons;
     const input = $("#neuron-input");
+    if (!neurons.count) {  // an exported model: no layers to picture; say so instead of an empty figure
+      $("#neuron-count").textContent = "";
+      input.disabled = true;
+      showNeuron(null, "", neurons.note);
+      explore = "done";
+      say("");
+      return;
+    }
     $("#neuron-count").textContent = `of ${neurons.count}` +
       (neurons.tracked.length ? `; every epoch for ${neurons.tracked.join(", ")}` : "");
     input.value = String(neurons.default);
