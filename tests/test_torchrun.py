@@ -165,3 +165,21 @@ def test_world_size_without_torchrun_is_one_sentence(tiny_dir, tmp_path):
     r = run_fmnist("train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY,
                    env={**env, "WORLD_SIZE": "2", "RANK": "0"})
     assert r.returncode == 2 and "start them with torchrun" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_note_whose_torchrun_was_killed_is_removed_by_the_next_launch(tmp_path, monkeypatch):
+    from fmnist import train
+    from fmnist.config import TrainConfig
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".torchrun-old").write_text(f"gone\n{dead.pid}\n")  # its torchrun was SIGKILLed
+    (tmp_path / ".torchrun-live").write_text(f"other\n{os.getpid()}\n")  # another launch, still running
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "new")
+    train._note_for_restarts(str(tmp_path), "mine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".torchrun-live", ".torchrun-new"]
+    assert (tmp_path / ".torchrun-new").read_text() == f"mine\n{os.getppid()}\n"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "last.pt").write_bytes(b"")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train._restarted_run(TrainConfig(out_dir=str(tmp_path))) == tmp_path / "mine"

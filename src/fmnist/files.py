@@ -48,7 +48,7 @@ def remove_stale_temps(path: Path, older_than: float = 600.0) -> list[Path]:
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.fmnist-tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
         try:
-            stale = not _alive(int(pid)) if pid.isdigit() else time.time() - tmp.stat().st_mtime > older_than
+            stale = not process_alive(int(pid)) if pid.isdigit() else time.time() - tmp.stat().st_mtime > older_than
             if stale:
                 tmp.unlink()
                 removed.append(tmp)
@@ -57,7 +57,8 @@ def remove_stale_temps(path: Path, older_than: float = 600.0) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of that id runs on this machine (this one included)."""
     if pid == os.getpid():
         return True
     try:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calibrate, data, devices, distributed, evaluate, models, runs
+from . import calibrate, data, devices, distributed, evaluate, files, models, runs
 from .config import TrainConfig
 from .errors import Interrupted, RunError, TrainError
 
@@ -421,9 +421,20 @@ def _restart_note(out_dir: str) -> Path | None:
 
 
 def _note_for_restarts(out_dir: str, name: str) -> None:
+    """The run's name and torchrun's own process (this worker's parent), which the note outlives only if that
+    process was killed: the next launch into out_dir then removes it (_drop_stale_notes)."""
     note = _restart_note(out_dir)
     if note is not None:
-        runs.write_text(note, name + "\n")
+        _drop_stale_notes(out_dir)
+        runs.write_text(note, f"{name}\n{os.getppid()}\n")
+
+
+def _drop_stale_notes(out_dir: str) -> None:
+    for note in Path(out_dir).glob(".torchrun-*"):
+        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+            lines = note.read_text(encoding="utf-8").splitlines()
+            if len(lines) >= 2 and lines[1].isdigit() and not files.process_alive(int(lines[1])):
+                note.unlink()
 
 
 def _lost_peer(e: RuntimeError) -> bool:
@@ -458,7 +469,7 @@ def _restarted_run(cfg: TrainConfig) -> Path | None:
     note = _restart_note(cfg.out_dir)
     if note is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0 or not note.is_file():
         return None
-    run_dir = Path(cfg.out_dir) / note.read_text().strip()
+    run_dir = Path(cfg.out_dir) / (note.read_text().splitlines() or [""])[0].strip()
     if (run_dir / "last.pt").is_file():
         return run_dir
     if run_dir.is_dir():
