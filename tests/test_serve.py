@@ -72,7 +72,8 @@ def test_health_model_history_neurons_docs_and_page(client, trained_run):
     history = client.get("/history").json()
     assert [r["epoch"] for r in history] == [1, 2, 3]
     n = client.get("/neurons").json()
-    assert n == {"count": 32, "shape": [28, 28], "tracked": [5], "epochs": 3, "conv": False, "default": 5}
+    assert n == {"count": 32, "shape": [28, 28], "tracked": [5], "epochs": 3, "conv": False, "default": 5,
+                 "note": None}
     five = client.get("/neurons/5").json()
     assert len(five["frames"]) == 4 and five["labels"][0] == "epoch 0"  # epoch 0 and after each epoch
     assert np.isclose(five["scale"], np.abs(five["frames"]).max())
