@@ -1,6 +1,7 @@
 """Load on `fmnist serve`: requests/s and latency with single-image PNG uploads, from an asyncio httpx client.
 
     python benchmarks/serve_load.py RUN_DIR [--seconds 10] [--soak 60]
+    python benchmarks/serve_load.py RUN_DIR --workers 1 2 --clients 32 --soak 0   # 1 worker process against 2
 
 Starts `fmnist serve RUN_DIR --port 0 --quiet` in its own process, then, from
 this process, keeps C clients busy (C = 1, 8, 32), each sending POST /predict
@@ -10,6 +11,13 @@ answer before sending the next, for --seconds each. Then a soak: 32 clients for
 Every answer is checked (status 200 and a class). The client shares the
 machine with the server: on 2 cores it takes a good part of one.
 Measured 2026-11-29 on the 2-core VM: see README.
+
+With --workers 1 2, one server per worker count runs at once (`fmnist serve
+--workers N`), and the repeats take turns between them (1, 2, 1, 2, ...), so
+that a neighbour's load on a shared machine falls on both alike; each row is
+the median of its repeats, and the ratio of requests/s to the first worker
+count's is the median of the per-turn ratios. The mean batch comes from
+/metrics (every worker's model calls added up).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from fmnist import data
 
@@ -74,11 +83,9 @@ async def load(url: str, clients: int, seconds: float, payloads: list[bytes]) ->
     start = time.perf_counter()
     await asyncio.gather(*[client(k) for k in range(clients)])
     wall = time.perf_counter() - start
-    async with httpx.AsyncClient(base_url=url) as http:
-        health = (await http.get("/model")).json()  # model calls and images so far
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
-            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "health": health}
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
 def _run(coro):
@@ -97,45 +104,73 @@ def _run(coro):
         gc.enable()
 
 
+def model_calls(url: str) -> tuple[float, float]:
+    """(model calls, images) so far, every worker's, from /metrics."""
+    found = {s.name: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+             for s in f.samples}
+    return found["fmnist_batch_images_count"], found["fmnist_batch_images_sum"]
+
+
+def start(run: str, workers: int) -> tuple[subprocess.Popen, str]:
+    """`fmnist serve RUN --workers N` on a free port, with no rate per client (every request here comes from one
+    address); (the process, its URL) once it is ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", run, "--port", "0", "--quiet",
+                             "--workers", str(workers), "--rate-limit", "1000000/minute"], stdout=subprocess.PIPE,
+                            text=True)
+    url = re.search(r"http://\S+/", proc.stdout.readline()).group(0).rstrip("/")
+    while True:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", help="the run directory to serve")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per concurrency level (default: 10)")
-    ap.add_argument("--soak", type=float, default=60.0, help="seconds of the 32-client soak (default: 60)")
+    ap.add_argument("--soak", type=float, default=60.0, help="seconds of the 32-client soak, 0 for none "
+                                                             "(default: 60)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per concurrency level; medians (default: 3)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels "
+                                                                              "(default: 1 8 32)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes of the server, one "
+                                                                        "server per number (default: 1)")
     args = ap.parse_args()
-    # No rate per client: every request here comes from one address.
-    proc = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", args.run, "--port", "0", "--quiet",
-                             "--rate-limit", "1000000/minute"], stdout=subprocess.PIPE, text=True)
+    servers = {w: start(args.run, w) for w in args.workers}
     try:
-        url = re.search(r"http://\S+/", proc.stdout.readline()).group(0).rstrip("/")
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         payloads = bodies()
-        _run(load(url, 8, 2.0, payloads))  # warm-up
-        print("| clients | requests/s | p50 latency | p99 latency | errors | mean batch |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        for clients in (1, 8, 32):
-            runs = []
+        for _, url in servers.values():
+            _run(load(url, 8, 2.0, payloads))  # warm-up
+        print("| workers | clients | requests/s | ratio | p50 latency | p99 latency | errors | mean batch |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for clients in args.clients:
+            runs: dict[int, list[dict]] = {w: [] for w in args.workers}
             for _ in range(args.repeats):
-                before = httpx.get(url + "/model").json()
-                r = _run(load(url, clients, args.seconds, payloads))
-                calls = r["health"]["model_calls"] - before["model_calls"]
-                r["batch"] = (r["health"]["images"] - before["images"]) / max(calls, 1)
-                runs.append(r)
-            med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "batch")}
-            print(f"| {clients} | {med['rps']:,.0f} | {med['p50']:.1f} ms | {med['p99']:.1f} ms | "
-                  f"{sum(r['errors'] for r in runs)} | {med['batch']:.1f} |")
-        soak = _run(load(url, 32, args.soak, payloads))
-        print(f"\nsoak: 32 clients for {args.soak:.0f} s: {soak['requests']:,} requests, {soak['errors']} errors, "
-              f"{soak['rps']:,.0f} requests/s, p50 {soak['p50']:.1f} ms, p99 {soak['p99']:.1f} ms")
+                for w, (_, url) in servers.items():  # taking turns
+                    calls, images = model_calls(url)
+                    r = _run(load(url, clients, args.seconds, payloads))
+                    calls2, images2 = model_calls(url)
+                    r["batch"] = (images2 - images) / max(calls2 - calls, 1)
+                    runs[w].append(r)
+            base = runs[args.workers[0]]
+            for w in args.workers:
+                med = {k: statistics.median(r[k] for r in runs[w]) for k in ("rps", "p50", "p99", "batch")}
+                ratio = statistics.median(r["rps"] / b["rps"] for r, b in zip(runs[w], base))
+                print(f"| {w} | {clients} | {med['rps']:,.0f} | {ratio:.2f} | {med['p50']:.1f} ms | "
+                      f"{med['p99']:.1f} ms | {sum(r['errors'] for r in runs[w])} | {med['batch']:.1f} |", flush=True)
+        for w, (_, url) in servers.items():
+            if args.soak > 0:
+                soak = _run(load(url, 32, args.soak, payloads))
+                print(f"\nsoak, {w} workers: 32 clients for {args.soak:.0f} s: {soak['requests']:,} requests, "
+                      f"{soak['errors']} errors, {soak['rps']:,.0f} requests/s, p50 {soak['p50']:.1f} ms, "
+                      f"p99 {soak['p99']:.1f} ms")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
 
 
 if __name__ == "__main__":
