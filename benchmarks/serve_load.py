@@ -17,7 +17,9 @@ With --workers 1 2, one server per worker count runs at once (`fmnist serve
 that a neighbour's load on a shared machine falls on both alike; each row is
 the median of its repeats, and the ratio of requests/s to the first worker
 count's is the median of the per-turn ratios. The mean batch comes from
-/metrics (every worker's model calls added up).
+/metrics (every worker's model calls added up). "server cores" is the CPU
+time of the server's processes per second of the run, "client cores" this
+process's: on a machine of 2 cores, 2 less their sum is what other jobs took.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import argparse
 import asyncio
 import gc
 import io
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -80,12 +84,14 @@ async def load(url: str, clients: int, seconds: float, payloads: list[bytes]) ->
             errors += not ok
             i += clients
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*[client(k) for k in range(clients)])
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
-            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "client_cores": cpu / wall, "wall": wall}
 
 
 def _run(coro):
@@ -109,6 +115,24 @@ def model_calls(url: str) -> tuple[float, float]:
     found = {s.name: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
              for s in f.samples}
     return found["fmnist_batch_images_count"], found["fmnist_batch_images_sum"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children so far (Linux /proc; nan elsewhere)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        stats = [Path(f"/proc/{pid}/stat")] + [p for p in Path("/proc").glob("[0-9]*/stat")
+                                               if _parent(p) == pid]
+        return sum(sum(int(x) for x in p.read_text().rsplit(")", 1)[1].split()[11:13]) for p in stats) / tick
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _parent(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def start(run: str, workers: int) -> tuple[subprocess.Popen, str]:
@@ -144,23 +168,30 @@ def main() -> None:
         payloads = bodies()
         for _, url in servers.values():
             _run(load(url, 8, 2.0, payloads))  # warm-up
-        print("| workers | clients | requests/s | ratio | p50 latency | p99 latency | errors | mean batch |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print("| workers | clients | requests/s | ratio | p50 latency | p99 latency | errors | mean batch | "
+              "server cores | client cores |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for clients in args.clients:
             runs: dict[int, list[dict]] = {w: [] for w in args.workers}
             for _ in range(args.repeats):
-                for w, (_, url) in servers.items():  # taking turns
+                for w, (proc, url) in servers.items():  # taking turns
                     calls, images = model_calls(url)
+                    cpu = cpu_seconds(proc.pid)
                     r = _run(load(url, clients, args.seconds, payloads))
+                    r["server_cores"] = (cpu_seconds(proc.pid) - cpu) / r["wall"]
                     calls2, images2 = model_calls(url)
                     r["batch"] = (images2 - images) / max(calls2 - calls, 1)
                     runs[w].append(r)
             base = runs[args.workers[0]]
             for w in args.workers:
-                med = {k: statistics.median(r[k] for r in runs[w]) for k in ("rps", "p50", "p99", "batch")}
+                med = {k: statistics.median(r[k] for r in runs[w])
+                       for k in ("rps", "p50", "p99", "batch", "server_cores", "client_cores")}
                 ratio = statistics.median(r["rps"] / b["rps"] for r, b in zip(runs[w], base))
                 print(f"| {w} | {clients} | {med['rps']:,.0f} | {ratio:.2f} | {med['p50']:.1f} ms | "
-                      f"{med['p99']:.1f} ms | {sum(r['errors'] for r in runs[w])} | {med['batch']:.1f} |", flush=True)
+                      f"{med['p99']:.1f} ms | {sum(r['errors'] for r in runs[w])} | {med['batch']:.1f} | "
+                      f"{med['server_cores']:.2f} | {med['client_cores']:.2f} |", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
         for w, (_, url) in servers.items():
             if args.soak > 0:
                 soak = _run(load(url, 32, args.soak, payloads))
