@@ -15,6 +15,8 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -551,3 +553,32 @@ def test_the_api_docs_render_from_local_files_within_the_policy(browser, live):
         assert not _csp_violations(page, console)
     finally:
         context.close()
+
+
+def test_an_exported_model_says_in_explore_what_it_cannot_show_and_still_classifies(browser, trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "fmnist", "export", str(run)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    server = Live(run / "model.onnx").start()
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    context.add_init_script(CSP_WATCH)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "/")
+        page.click("#tab-explore")
+        page.wait_for_function("() => !document.querySelector('#neuron-message').hidden")
+        assert "PyTorch" in page.text_content("#neuron-message")  # the neurons need the checkpoint
+        assert not page.is_visible("#neuron-figure") and page.is_disabled("#neuron-input")
+        assert "no training history" in page.text_content("#history-note") and page.is_visible("#history-note")
+        assert not page.is_visible("#explore-status")  # loaded: nothing else to say
+        page.click("#tab-classify")
+        _draw(page)
+        page.wait_for_function(DONE)
+        assert not errors, errors
+        assert not _csp_violations(page, []), "Content-Security-Policy"
+    finally:
+        context.close()
+        server.stop()
