@@ -215,3 +215,9 @@ def test_an_exported_model_is_served_without_torch(trained_run, tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "Traceback" not in err
+
+
+def test_no_workers_is_one_sentence(trained_run):
+    from conftest import assert_one_sentence, run_fmnist
+
+    assert_one_sentence(run_fmnist("serve", str(trained_run), "--workers", "0", "--port", "0"), "--workers 0")

@@ -5,12 +5,17 @@
 
 Endpoints: POST /predict (multipart, field `file`, one or several images),
 POST /predict/pixels (a 28x28 JSON array, what the page's drawing canvas sends),
-GET /health, GET /limits, GET /model, GET /history, GET /neurons,
+GET /health, GET /ready (503 until the model is loaded), GET /metrics (Prometheus' text format, metrics.py),
+GET /limits, GET /model, GET /history, GET /neurons,
 GET /neurons/{k}, GET /examples (the product photos shipped in static/examples/,
 which the page offers to click), the OpenAPI docs at /docs (Swagger UI served
 from the swagger-ui-bundle-v2 package, nothing from a CDN), and the page at /
 (plain HTML, CSS and JavaScript in static/, nothing fetched from elsewhere,
 every URL relative).
+
+What is served is a run directory, or a model.onnx that `fmnist export` wrote (onnxruntime, no torch: then no
+neurons and no history). `serve(..., workers=N)` runs N processes on one port, each building its app with
+`app_from_env`.
 
 In FastAPI's own shape: the app's lifespan loads the run once (`load`: the
 Predictor over best.pt, the first layer's pictures, the tracked neurons, the
