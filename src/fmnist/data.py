@@ -89,6 +89,10 @@ def _read_bytes(path: Path) -> bytes:
             # one byte beyond what the header declares, enough for parse_idx to call the file longer than declared,
             # and never beyond the largest Fashion-MNIST file: a gzip bomb is not inflated into memory
             body = source.read(min(declared, MAX_IDX_BYTES) + 1)
+            if source is not f and len(body) > declared:  # more than declared: a damaged deflate stream can
+                seen = len(body)  # inflate to more; its check at the end tells (read on, a MiB at a time, kept not)
+                while seen <= MAX_IDX_BYTES and (chunk := source.read(1 << 20)):
+                    seen += len(chunk)
             if len(body) > MAX_IDX_BYTES:
                 raise DataError(f"{path} holds more than {MAX_IDX_BYTES:,} bytes of IDX data, more than any "
                                 "Fashion-MNIST file: it is not one.")
