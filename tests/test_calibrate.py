@@ -200,6 +200,7 @@ def test_the_exported_model_gives_the_predictor_s_calibrated_outputs(run):
         [exported.record(a, ood_score=b)["unsure"] for a, b in zip(q, t)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_an_export_computes_the_tails_score(run, tmp_path, fmt):
     """The run's calibration replaced by a tails one (fitted as training fits it): the export's check passes and

@@ -124,6 +124,7 @@ def test_data_command_real(real_dir, capsys):
     assert "verified:  yes" in out and "60000" in out and "mean 0.2860" in out
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_dry_run_real(real_dir, tmp_path):
     r = run_fmnist("train", "--dry-run", "--data-dir", str(real_dir), "--out-dir", str(tmp_path), "--name", "d",

@@ -171,6 +171,7 @@ def test_space_file_bad_choice_exit_2(tmp_path):
     assert_one_sentence(run_fmnist("tune", "--space", str(space), "--out-dir", str(tmp_path)), "lion")
 
 
+@pytest.mark.slow
 def test_unreachable_storage_exit_2(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -237,6 +238,7 @@ def test_killed_worker_on_a_journal(tiny_dir, tmp_path):
     kill_mid_trial(journal(path), args, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_heartbeat_fails_a_silent_worker(tiny_dir, tmp_path):
     """The RDB heartbeat alone (the dead worker seems to live on another host) fails the lost trial."""

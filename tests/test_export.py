@@ -57,6 +57,7 @@ def _file_size_limit() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_an_export_that_cannot_be_written_is_one_sentence(run, fmt):
     r = subprocess.run([sys.executable, "-m", "fmnist", "export", str(run), "--format", fmt],
@@ -66,6 +67,7 @@ def test_an_export_that_cannot_be_written_is_one_sentence(run, fmt):
     assert not list(run.glob("*.fmnist-tmp")) and not list(run.glob("model.*"))
 
 
+@pytest.mark.slow
 def test_a_killed_exports_temp_file_is_removed_by_the_next(run):
     p = _fmnist("export", str(run), "--format", "torchscript")
     _wait_for_temp(run, p, "model.torchscript")

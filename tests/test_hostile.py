@@ -443,6 +443,7 @@ def _fmnist(*argv: str) -> subprocess.Popen:
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tiny_dir, tmp_path):
     p = _fmnist("train", *_slow_args(tiny_dir, tmp_path))
     deadline = time.time() + 60
@@ -488,6 +489,7 @@ def test_ctrl_c_during_the_test_phase_says_how_to_resume(tiny_dir, tmp_path, mon
     assert not list((tmp_path / "r").glob(runs.TEMP_GLOB))
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_drawing_says_the_run_is_complete(tiny_dir, tmp_path, monkeypatch, capsys):
     from fmnist import report
 
@@ -636,6 +638,7 @@ def test_no_module_imports_train_to_write_files_and_no_cycles():
         reach(m, m, set())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["models"]])
 def test_output_onto_a_full_disk_is_an_error(argv):

@@ -68,6 +68,7 @@ def test_report_references_resolve_and_nothing_external(mlp_run):
     assert "<table>" in text and "hidden = [64, 16]" in text
 
 
+@pytest.mark.slow
 def test_plot_command_redraws(mlp_run, tmp_path):
     run, tiny = mlp_run
     (run.dir / "plots" / "curves.png").unlink()
@@ -151,6 +152,7 @@ def test_samples_in_every_format_even_with_few_images_per_class(tmp_path, suffix
     assert runs.made_by_fmnist(path) == (suffix == ".png")  # PNGs carry fmnist's name; others are not overwritten
 
 
+@pytest.mark.slow
 def test_a_thousand_snapshots_are_subsampled_and_the_title_says_so(tmp_path, monkeypatch):
     import time
 
@@ -177,6 +179,7 @@ def test_a_thousand_snapshots_are_subsampled_and_the_title_says_so(tmp_path, mon
     not_blank(tmp_path / "n.png")
 
 
+@pytest.mark.slow
 def test_a_history_with_an_impossible_epoch_is_damaged_not_a_traceback(mlp_run, tmp_path):
     import json
     import shutil

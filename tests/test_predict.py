@@ -177,6 +177,7 @@ def test_many_files_use_worker_processes_with_the_same_results(run, tmp_path):
 
 # ---------------------------------------------------------------- export
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_and_runs_without_torch(run, tmp_path):
     r = run_fmnist("export", str(run), "--json")  # onnx, onnxscript and onnxruntime are test requirements
     assert r.returncode == 0, r.stderr
@@ -315,6 +316,7 @@ def test_an_onnx_file_of_the_wrong_shape_or_type_is_refused_at_load(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("fmnist: error: ") and len(r.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_fifos_deep_folders_long_and_undecodable_names(run, tmp_path, capsys):
     import os
 

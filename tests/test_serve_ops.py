@@ -142,6 +142,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_port_and_their_metrics_add_up(trained_run):
     proc, url = start(str(trained_run), "--workers", "2", "--quiet")
     try:
@@ -159,6 +160,7 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(trained_run):
         proc.wait(30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_answers_the_request_in_flight(trained_run, workers):
     proc, url = start(str(trained_run), "--workers", str(workers), "--quiet")
@@ -189,6 +191,7 @@ def test_sigterm_answers_the_request_in_flight(trained_run, workers):
         httpx.get(url + "/health", timeout=2)
 
 
+@pytest.mark.slow
 def test_an_exported_model_is_served_without_torch(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     r = subprocess.run([sys.executable, "-m", "fmnist", "export", str(run)], capture_output=True, text=True,

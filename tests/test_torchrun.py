@@ -147,6 +147,7 @@ def test_ctrl_c_under_torchrun_is_said_once_and_leaves_no_note(tiny_dir, tmp_pat
     assert not list(tmp_path.glob(".torchrun-*")) and (tmp_path / "c" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_global_batch_that_does_not_split_is_one_sentence(tiny_dir, tmp_path):
     rc, out = finish(torchrun("--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, "--batch-size", "65"))
     assert rc != 0 and out.count("fmnist: error") == 1 and "does not split evenly over 2 processes" in out
