@@ -61,3 +61,42 @@ def test_fmnist_evaluate_prints_the_table_and_the_pairs(trained_run, capsys):
     assert [r[-1] for r in rows] and all(r[-1].isdigit() for r in rows)
     assert lines[head + 1 + len(data.CLASSES)].split()[0] == "mean"
     assert "confusion matrix" in out
+
+
+def test_neuron_profile_of_an_mlp_neuron_matches_its_definition(trained_run):
+    import copy
+
+    from fmnist import data, models, runs
+
+    model, cfg, _ = runs.load_model(trained_run / "best.pt")
+    x, y = evaluate.load_splits(cfg).test
+    p = evaluate.neuron_profile(model, x, y, 5, batch_size=64)
+    layer = models.first_layer(model)
+    xn = data.normalize(x).unsqueeze(1)
+    with torch.no_grad():
+        pre = layer(xn.flatten(1))[:, 4]  # neuron 5's input to its nonlinearity
+        silenced = copy.deepcopy(model).eval()
+        models.first_layer(silenced).weight[4] = 0
+        models.first_layer(silenced).bias[4] = 0
+        moved = (model(xn) - silenced(xn)).mean(0)
+    assert torch.allclose(p["activation"], pre, atol=1e-5)
+    assert torch.equal(p["top"], torch.argsort(pre, descending=True)[:9])
+    for c in range(10):
+        assert p["per_class"][c] == pytest.approx(float(pre[y == c].mean()), abs=1e-5)
+    assert torch.allclose(p["votes"], moved, atol=1e-5)  # silencing it = zeroing its weights and bias
+    with pytest.raises(ValueError):
+        evaluate.neuron_profile(model, x, y, layer.out_features + 1)
+
+
+def test_neuron_profile_of_a_conv_filter_is_its_largest_response():
+    from fmnist import data, models
+
+    torch.manual_seed(0)
+    model = models.create("cnn", channels=[4, 8]).eval()
+    x = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    y = torch.arange(20) % 10
+    p = evaluate.neuron_profile(model, x, y, 3)
+    with torch.no_grad():
+        fmap = models.first_layer(model)(data.normalize(x).unsqueeze(1))[:, 2]
+    assert torch.allclose(p["activation"], fmap.flatten(1).amax(1), atol=1e-5)
+    assert p["votes"].shape == (10,) and p["top"].shape == (9,)

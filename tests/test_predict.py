@@ -316,8 +316,22 @@ def test_an_onnx_file_of_the_wrong_shape_or_type_is_refused_at_load(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("fmnist: error: ") and len(r.stderr.splitlines()) == 1
 
 
+def _remove_chain(top: Path) -> None:
+    """Remove a chain of nested 'd' folders from the bottom up (shutil.rmtree recurses: 1,100 levels were a
+    RecursionError in pytest's own clean-up of old temporary folders)."""
+    import os
+
+    chain = [str(top)]
+    while os.path.isdir(chain[-1] + "/d"):
+        chain.append(chain[-1] + "/d")
+    for folder in reversed(chain[1:]):
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
 @pytest.mark.slow
-def test_fifos_deep_folders_long_and_undecodable_names(run, tmp_path, capsys):
+def test_fifos_deep_folders_long_and_undecodable_names(run, tmp_path, capsys, request):
     import os
 
     good = _png(Image.fromarray(synthetic(1, 0)[0][0]))
@@ -325,6 +339,7 @@ def test_fifos_deep_folders_long_and_undecodable_names(run, tmp_path, capsys):
     d.mkdir()
     os.mkfifo(d / "pipe.png")  # named directly or found in the folder, it blocked for ever
     deep = str(d)
+    request.addfinalizer(lambda: _remove_chain(d))
     for _ in range(1100):  # os.walk recursed: RecursionError
         deep += "/d"
         os.mkdir(deep)

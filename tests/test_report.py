@@ -132,3 +132,12 @@ def test_per_class_figures_and_confused_pairs_when_given(tmp_path):
     assert "T-shirt/top taken for Shirt: 1 times (33.3% of T-shirt/top)" in html.unescape(page)
     plain = report.write(_run(tmp_path, "plain")).read_text()  # without the figures: no table
     assert "<th>precision</th>" not in plain and "most-confused" not in plain
+
+
+def test_a_neurons_profile_follows_its_figures_when_drawn(tmp_path):
+    run = _run(tmp_path)
+    (run / "plots" / "neuron_50_profile.png").write_bytes(b"png")
+    page = report.write(run).read_text()
+    figs = re.findall(r'src="plots/([^"]+)"', page)
+    assert figs.index("neuron_50_profile.png") == figs.index("neuron_50.png") + 1
+    assert "neuron_7_profile.png" not in figs  # not drawn: not referenced

@@ -198,6 +198,58 @@ def per_class(labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str,
     return {"per_class": table, "macro": macro, "most_confused": confused}
 
 
+def neuron_profile(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, neuron: int,
+                   device: torch.device | str = "cpu", top: int = 9, batch_size: int = 1000) -> dict[str, Any]:
+    """What first-layer `neuron` (1-based) responds to, over uint8 `images` (N, 28, 28) with `labels`:
+
+    - "activation": its output for each image (the layer's output before the nonlinearity; a convnet
+      filter's largest value over the image), (N,);
+    - "top": the indices of the `top` images that excite it most, most first;
+    - "per_class": its mean activation over each class's images, (classes,);
+    - "votes": how each class's logit moves because of it, averaged over the images: the logits minus those
+      with the neuron's output set to 0 (positive: it pushes towards that class), (classes,).
+    """
+    model = model.eval().to(device)
+    layer = models.first_layer(model)
+    k = neuron - 1
+    if not 0 <= k < (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels):
+        raise ValueError(f"the first layer has no neuron {neuron}")
+    seen: list[torch.Tensor] = []
+    silence = [False]
+
+    def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        unit = out[:, k]
+        seen.append((unit.flatten(1).amax(1) if unit.dim() > 1 else unit).detach().float().cpu())
+        if silence[0]:
+            out = out.clone()
+            out[:, k] = 0
+            return out
+        return None
+
+    handle = layer.register_forward_hook(hook)
+    votes = torch.zeros(0)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = data.normalize(torch.as_tensor(images[i:i + batch_size])).unsqueeze(1).to(device)
+                silence[0] = False
+                full = model(x).float()
+                silence[0] = True
+                without = model(x).float()
+                seen.pop()  # the second pass's activations are the first's
+                moved = (full - without).sum(0).cpu()
+                votes = moved if votes.numel() == 0 else votes + moved
+    finally:
+        handle.remove()
+    activation = torch.cat(seen)
+    labels = torch.as_tensor(labels).long().cpu()
+    classes = int(votes.numel())
+    per_class = torch.zeros(classes).index_add_(0, labels, activation) / torch.bincount(
+        labels, minlength=classes).clamp(min=1)
+    return {"neuron": neuron, "activation": activation, "top": torch.argsort(activation, descending=True)[:top],
+            "per_class": per_class, "votes": votes / len(images)}
+
+
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: int = 10) -> torch.Tensor:
     """(classes, classes) counts: row = true class, column = predicted class."""
     cm = torch.zeros(classes, classes, dtype=torch.long)

@@ -264,6 +264,40 @@ def reliability(before: dict, after: dict | None, path: Path, ece: tuple[float, 
     return save_figure(fig, path)
 
 
+def neuron_profile(profile: dict, images: np.ndarray, labels: np.ndarray, path: Path, kind: str = "neuron") -> Path:
+    """What one first-layer neuron responds to (evaluate.neuron_profile): the nine test images that excite it
+    most, its mean activation per class, and how it moves each class's logit."""
+    fig = plt.figure(figsize=(12, 4.2))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1.1, 1, 1])
+    ax_img, ax_act, ax_vote = (fig.add_subplot(grid[0, i]) for i in range(3))
+    top = np.asarray(profile["top"])[:9]
+    pictures = np.zeros((9, 28, 28), np.float32)
+    pictures[:len(top)] = images[top]
+    ax_img.imshow(tile(pictures, 3, gap=2, fill=0), cmap="gray", vmin=0, vmax=255)
+    for i, idx in enumerate(top):
+        r, c = divmod(i, 3)
+        ax_img.text(c * 30 + 1, r * 30 + 27, CLASSES[int(labels[idx])].split("/")[0][:8], color="yellow", fontsize=7)
+    ax_img.set_title(f"the 9 test images that excite {kind} {profile['neuron']} most", fontsize=10)
+    ax_img.axis("off")
+    short = [c.split("/")[0][:8] for c in CLASSES]
+    y = np.arange(len(CLASSES))
+    act = np.asarray(profile["per_class"])
+    ax_act.barh(y, act, color=np.where(act >= 0, "tab:red", "tab:blue"))
+    ax_act.set(yticks=y, yticklabels=short, title="mean activation per class", xlabel="its input to the "
+               "nonlinearity" if kind == "neuron" else "its largest response")
+    ax_act.invert_yaxis()
+    votes = np.asarray(profile["votes"])
+    ax_vote.barh(y, votes, color=np.where(votes >= 0, "tab:red", "tab:blue"))
+    ax_vote.set(yticks=y, yticklabels=short, title="how it moves each class's logit",
+                xlabel="logit with it minus logit without it (mean)")
+    ax_vote.invert_yaxis()
+    for ax in (ax_act, ax_vote):
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggested: float, lowest: float,
             path: Path, title: str = "") -> Path:
     """The learning-rate range test: each batch's loss and its moving average against the rate (log scale),

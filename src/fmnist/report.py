@@ -139,7 +139,19 @@ def draw(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
                            (splits.train[0].numpy(), splits.train[1].numpy()),
                            models.first_layer_pictures(final_model.cpu()).numpy(), models.is_conv(final_model),
                            _reliability(scores, summary.get("temperature")))
+    paths += _neuron_profiles(run_dir, final_model, splits.test, runs.read_config(run_dir).track_neurons or [])
     return [*paths, write(run_dir, evaluate.per_class(scores.labels, scores.probabilities.argmax(1)))]
+
+
+def _neuron_profiles(run_dir: Path, model, test: tuple, neurons: list[int]) -> list[Path]:
+    """plots/neuron_<k>_profile.png for each tracked neuron: what it responds to on the test split (the final
+    weights, as neuron_<k>.png's last picture)."""
+    from . import evaluate, models, plots
+
+    x, y = test
+    kind = "filter" if models.is_conv(model) else "neuron"
+    return [plots.neuron_profile(evaluate.neuron_profile(model.cpu(), x, y, k), x.numpy(), y.numpy(),
+                                 run_dir / "plots" / f"neuron_{k}_profile.png", kind) for k in neurons]
 
 
 def _reliability(scores, temperature: float | None) -> dict:
@@ -188,6 +200,10 @@ def write(run_dir: str | Path, classes: dict | None = None) -> Path:
         if (plots / f"neuron_{k}.gif").exists():
             parts.append(_figure(f"neuron_{k}.gif", f"Neuron {k} as an animation, one frame per epoch.",
                                  f"neuron {k} animation"))
+        if (plots / f"neuron_{k}_profile.png").exists():
+            parts.append(_figure(f"neuron_{k}_profile.png", f"What neuron {k} responds to, with its final weights: "
+                                 "the test images that excite it most, its mean activation per class, and how "
+                                 "much each class's logit moves when it is silenced.", f"neuron {k} profile"))
     parts += [
         _figure("neurons_atlas.png", CAPTIONS["neurons_atlas.png"], "first-layer atlas"),
         "<h2>Test results</h2>",
