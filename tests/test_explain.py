@@ -96,7 +96,7 @@ def test_the_command_explains_a_folder_as_json_with_figures(trained_run, tmp_pat
     (folder / "notes.txt").write_text("not an image")
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "why"
-    code = cli.main(["explain", str(trained_run), str(folder), "--json", "--out", str(out), "--target", "3"])
+    code = cli.main(["explain", str(trained_run), str(folder), "--json", "--out-dir", str(out), "--target", "3"])
     r = capsys.readouterr()
     assert code == 1, r.err  # one file could not be read: as fmnist predict says it
     recs = [json.loads(line) for line in r.out.splitlines()]

@@ -646,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "size; occlusion: the logit's fall under a 4x4 black patch (default: %(default)s)")
     ex.add_argument("--target", metavar="CLASS", help="explain this class (a name such as Sneaker, or an index "
                                                       "0-9) instead of the predicted one")
-    ex.add_argument("--out", "--out-dir", dest="out", metavar="DIR", help="write a figure per image here (default: "
-                    "explanations; with --json, figures only when --out is given)")
+    ex.add_argument("--out-dir", dest="out", metavar="DIR", help="write a figure per image here (default: "
+                    "explanations; with --json, figures only when --out-dir is given)")
     ex.add_argument("--preprocess", choices=("auto", "photo", "dataset"), default="auto",
                     help="as fmnist predict --preprocess (default: %(default)s)")
     ex.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help)
