@@ -183,8 +183,8 @@ def explain(model: Any, images: Any, method: str = "ig", target: str | int | Non
     if isinstance(images, np.ndarray) and images.shape[-2:] == (SIZE, SIZE) and images.ndim in (2, 3):
         pixels = images.reshape(-1, SIZE, SIZE)
     else:
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Iterable):
-            images = [images]
+        if isinstance(images, (str, Path, bytes, np.ndarray)) or not isinstance(images, Iterable):
+            images = [images]  # one image (an array here is one picture of any size, not a batch)
         prepared = []
         for item in images:
             try:
