@@ -174,3 +174,12 @@ def test_post_explain_answers_under_the_limits_of_predict(trained_run):
         r = client.post("/explain?target=hat", files=[png], headers=auth)
         assert r.status_code == 422 and "is not a class" in r.json()["detail"]
         assert client.post("/explain?method=lime", files=[png], headers=auth).status_code == 422
+
+
+def test_one_picture_of_any_size_is_one_image_and_a_batch_of_inputs_is_taken_as_it_is():
+    model = Smooth().eval()
+    inputs = synthetic(3, 7)[0]
+    assert explain.explain(model, inputs).attributions.shape == (3, 28, 28)  # model inputs, used as they are
+    big = np.asarray(Image.fromarray(inputs[0]).resize((56, 56)))  # a small dark picture: one image
+    e = explain.explain(model, big, preprocess="dataset")
+    assert e.pixels.shape == (1, 28, 28) and e.attributions.shape == (1, 28, 28)
