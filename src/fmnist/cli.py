@@ -760,7 +760,8 @@ def _preload(args: argparse.Namespace) -> None:
     if args.command == "tune":
         import optuna  # noqa: F401
     if args.command == "explain":
-        import captum.attr  # noqa: F401
+        with contextlib.suppress(ImportError):  # explain says what is missing
+            import captum.attr  # noqa: F401
     if args.command == "serve":
         with contextlib.suppress(ImportError):  # cmd_serve says what is missing
             from . import serve  # noqa: F401

@@ -144,8 +144,12 @@ def attribute(p: Predictor, pixels: np.ndarray, method: str = "ig", targets: np.
 
 
 def _captum(p: Predictor, x: np.ndarray, method: str, targets: np.ndarray) -> np.ndarray:
-    import captum.attr
     import torch
+
+    try:
+        import captum.attr
+    except ImportError:
+        raise PredictError("explaining a model needs Captum: pip install 'fmnist[explain]'.") from None
 
     module = p.pixel_classifier
     device = next(module.parameters()).device
