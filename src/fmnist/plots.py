@@ -302,13 +302,13 @@ def explanation(pixels: np.ndarray, attribution: np.ndarray, title: str, path: P
     """fmnist explain's figure: the 28x28 input the model saw (shown 8x), and the same input under the attribution
     (red: pushed towards the class, blue: against; one scale symmetric about 0; the stronger, the more opaque)."""
     a = np.asarray(attribution, np.float64)
-    scale = float(np.abs(a).max()) or 1.0
+    scale = attribution_scale(a)
     fig, (ax_in, ax_map) = plt.subplots(1, 2, figsize=(5.6, 3.0))
-    for ax in (ax_in, ax_map):
-        ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    for ax, brightest in ((ax_in, 255), (ax_map, 255 / 0.6)):  # under the map, the input dimmed to 60 %
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=brightest, interpolation="nearest")
         ax.set_axis_off()
     shown = ax_map.imshow(a, cmap=DIVERGING, vmin=-scale, vmax=scale, interpolation="nearest",
-                          alpha=0.9 * np.sqrt(np.abs(a) / scale))  # 0: the input shows through
+                          alpha=0.9 * np.sqrt(np.minimum(np.abs(a) / scale, 1)))  # 0: the input shows through
     ax_in.set_title("what the model saw", fontsize=9)
     ax_map.set_title(f"why ({METHOD_NAMES.get(method, method)})", fontsize=9)
     bar = fig.colorbar(shown, ax=ax_map, fraction=0.046, pad=0.04)
@@ -319,6 +319,12 @@ def explanation(pixels: np.ndarray, attribution: np.ndarray, title: str, path: P
 
 
 METHOD_NAMES = {"ig": "integrated gradients", "saliency": "saliency", "occlusion": "occlusion"}
+
+
+def attribution_scale(a: np.ndarray) -> float:
+    """The colour scale's end: the 99th percentile of |attribution| (the few strongest pixels would otherwise
+    leave every other one pale), as the page's Why? draws it."""
+    return float(np.percentile(np.abs(a), 99)) or float(np.abs(a).max()) or 1.0
 
 
 def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggested: float, lowest: float,

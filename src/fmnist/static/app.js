@@ -231,17 +231,20 @@ async function askWhy() {
 }
 $("#why").addEventListener("click", askWhy);  // a button: Enter and Space too
 
-// The input in grey, each pixel tinted by its attribution: red towards the class, blue against, the stronger the
-// more opaque (as fmnist explain's figure), on one scale symmetric about 0.
+// The input in grey (dimmed to 60 %), each pixel tinted by its attribution: red towards the class, blue against,
+// the stronger the more opaque, on one scale symmetric about 0 (as fmnist explain's figure).
 function drawWhy(rec) {
   const a = rec.attribution.flat(), px = rec.input.flat();
-  const scale = Math.max(...a.map(Math.abs)) || 1;
+  const sorted = a.map(Math.abs).sort((u, v) => u - v);  // the 99th percentile of |a|, as fmnist explain's figure
+  const at = 0.99 * (sorted.length - 1), lo = Math.floor(at);
+  const scale = (sorted[lo] + (sorted[Math.min(lo + 1, sorted.length - 1)] - sorted[lo]) * (at - lo)) ||
+    sorted[sorted.length - 1] || 1;
   const small = document.createElement("canvas");
   small.width = small.height = 28;
   const img = small.getContext("2d").createImageData(28, 28);
   a.forEach((v, i) => {
-    const alpha = 0.9 * Math.sqrt(Math.abs(v) / scale), tint = colour(0.5 + v / (2 * scale));
-    img.data.set([...tint.map((t) => Math.round(t * alpha + px[i] * (1 - alpha))), 255], i * 4);
+    const alpha = 0.9 * Math.sqrt(Math.min(Math.abs(v) / scale, 1)), tint = colour(0.5 + v / (2 * scale));
+    img.data.set([...tint.map((t) => Math.round(t * alpha + 0.6 * px[i] * (1 - alpha))), 255], i * 4);
   });
   small.getContext("2d").putImageData(img, 0, 0);
   const canvas = $("#why-canvas");
