@@ -2,9 +2,9 @@
 
     python docs/screenshots.py runs/default
 
-Clicks the example photo of a sneaker, then opens Explore at the run's default
-neuron, at its last epoch; writes docs/serve_classify.png and
-docs/serve_explore.png (1000x820); and docs/serve_phone.png: a pair of trousers
+Clicks the example photo of a sneaker, then Why?, then opens Explore at the
+run's default neuron, at its last epoch; writes docs/serve_classify.png,
+docs/serve_why.png and docs/serve_explore.png (1000x820); and docs/serve_phone.png: a pair of trousers
 drawn on a 390x844 touch screen with 2 device pixels per CSS pixel.
 """
 
@@ -45,6 +45,10 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1000, "height": 820})
             classify(page, url)
             page.screenshot(path=str(HERE / "serve_classify.png"))
+            page.click("#why")  # why it said Sneaker: the attribution over the input
+            page.wait_for_function("() => !document.querySelector('#why-canvas').hidden")
+            page.screenshot(path=str(HERE / "serve_why.png"))
+            page.click("#why")
             page.click("#tab-explore")
             page.wait_for_function(NEURON_SHOWN)
             page.screenshot(path=str(HERE / "serve_explore.png"))

@@ -9,6 +9,7 @@ its model through `app.dependency_overrides`, and stop the server and start it a
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
 import io
@@ -582,3 +583,41 @@ def test_an_exported_model_says_in_explore_what_it_cannot_show_and_still_classif
     finally:
         context.close()
         server.stop()
+
+
+def test_why_overlays_the_attribution_on_the_input_by_keyboard_on_a_phone(browser, live, shirt):
+    context = browser.new_context(**PHONE)
+    context.add_init_script(CSP_WATCH)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(live.url + "/")
+    assert page.is_disabled("#why")  # nothing to explain yet
+    with page.expect_response(lambda r: "/predict?" in r.url):
+        page.set_input_files("#file-input", str(shirt))
+    page.wait_for_function(DONE)
+    plain = page.evaluate("document.querySelector('#input-img').src")
+    page.focus("#why")
+    with page.expect_response(lambda r: "/explain?" in r.url) as explained:
+        page.keyboard.press("Enter")
+    rec = explained.value.json()
+    assert explained.value.status == 200 and np.shape(rec["attribution"]) == (28, 28)
+    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(plain.split(",")[1]))))
+    assert (np.asarray(rec["input"]) == sent).all()  # it explains the very input the model classified
+    page.wait_for_function("() => !document.querySelector('#why-canvas').hidden")
+    assert page.get_attribute("#why", "aria-pressed") == "true" and not page.is_visible("#input-img")
+    assert page.is_visible("#why-legend") and "against" in page.text_content("#why-legend")
+    assert rec["target"] in page.get_attribute("#why-canvas", "aria-label")
+    tinted = page.evaluate("(c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; "
+                           "let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] !== d[i + 2]; return n; })"
+                           "(document.querySelector('#why-canvas'))")
+    assert tinted > 0  # coloured pixels over a grey input: the overlay was drawn
+    box = page.locator("#why-canvas").bounding_box()
+    assert box["x"] + box["width"] <= 390 and page.evaluate("document.scrollingElement.scrollWidth <= innerWidth")
+    assert page.evaluate("document.querySelector('#why-canvas').width") == 2 * 168  # sharp at 2 pixels per CSS px
+    page.keyboard.press(" ")  # Space toggles it off again
+    assert page.get_attribute("#why", "aria-pressed") == "false" and page.is_visible("#input-img")
+    assert not page.is_visible("#why-canvas") and not page.is_visible("#why-legend")
+    violations = page.evaluate("window.cspViolations")
+    context.close()
+    assert not errors and not violations, (errors, violations)

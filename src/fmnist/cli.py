@@ -426,6 +426,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if not failed else 1 if done else 2
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from . import explain, predict
+
+    if args.paths.count("-") > 1:
+        raise ConfigError("'-' (standard input) can be given once: it holds one image.")
+    explainer = explain.predictor(args.model, device=args.device)
+    explain.parse_target(args.target, explainer.classes)  # a bad --target is said before any image is read
+    inputs, skipped = predict.find_images(args.paths)
+    if not inputs:
+        raise predict.PredictError(f"no image files in {', '.join(args.paths)} (looked for "
+                                   f"{', '.join(predict.IMAGE_SUFFIXES)}).")
+    out_dir = None
+    if args.out is not None or not args.json:  # with --json, figures only where --out asks for them
+        from . import files, plots
+
+        out_dir = files.claim_output_dir(args.out or "explanations", "explain")
+    width = min(max(len(s) for s in inputs), 60)
+    if not args.json:
+        print(f"{'file':<{width}}  {'class':<12} {'prob':>6}  explained")
+    done = failed = 0
+    for i, rec in enumerate(explain.iter_explain(explainer, inputs, args.method, args.target, args.preprocess)):
+        failed += "error" in rec
+        done += "error" not in rec
+        if "error" not in rec and out_dir is not None:
+            title = f"{rec['class']} {rec['probability']:.2f}"
+            if rec["target"] != rec["class"]:
+                title += f"; explained: {rec['target']} {rec['target_probability']:.2f}"
+            rec["figure"] = str(plots.explanation(rec["pixels"], rec["attribution"], title,
+                                                  predict.output_path(out_dir, i, inputs[i], len(inputs)),
+                                                  args.method))
+        rec.pop("pixels", None)
+        if args.json:
+            print(json.dumps(rec, ensure_ascii=not _utf8(sys.stdout)))
+        elif "error" in rec:
+            print(f"{rec['file']:<{width}}  error: {rec['error']}")
+        else:
+            print(f"{rec['file']:<{width}}  {rec['class']:<12} {rec['probability']:>6.3f}  {rec['target']} "
+                  f"({rec['method']}): {rec['figure']}")
+    if not args.quiet:
+        where = f"; figures in {out_dir}" if out_dir is not None and done else ""
+        passed = f"; passed over {skipped} files not named as images" if skipped else ""
+        print(f"fmnist: explained {done} of {done + failed} files with {args.method}"
+              f"{f', {failed} could not be read' if failed else ''}{passed}{where}", file=sys.stderr)
+    return 0 if not failed else 1 if done else 2
+
+
 def _utf8(stream: Any) -> bool:
     return (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8"
 
@@ -590,6 +636,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(pr)
     pr.set_defaults(func=cmd_predict)
 
+    ex = sub.add_parser("explain", help="why the model answered: which pixels pushed it towards its class")
+    ex.add_argument("model", metavar="MODEL", help="a run directory (its best.pt) or a .pt checkpoint (an exported "
+                                                  "model keeps no gradients to explain)")
+    ex.add_argument("paths", metavar="IMAGE", nargs="+", help="image files, directories (searched recursively), "
+                                                             "or - for stdin, as fmnist predict takes them")
+    ex.add_argument("--method", choices=("ig", "saliency", "occlusion"), default="ig",
+                    help="ig: integrated gradients from a black (no product) baseline; saliency: the gradient's "
+                         "size; occlusion: the logit's fall under a 4x4 black patch (default: %(default)s)")
+    ex.add_argument("--target", metavar="CLASS", help="explain this class (a name such as Sneaker, or an index "
+                                                      "0-9) instead of the predicted one")
+    ex.add_argument("--out-dir", dest="out", metavar="DIR", help="write a figure per image here (default: "
+                    "explanations; with --json, figures only when --out-dir is given)")
+    ex.add_argument("--preprocess", choices=("auto", "photo", "dataset"), default="auto",
+                    help="as fmnist predict --preprocess (default: %(default)s)")
+    ex.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help)
+    common(ex)
+    ex.set_defaults(func=cmd_explain)
+
     x = sub.add_parser("export", help="write RUN_DIR/model.onnx (or TorchScript), checked against PyTorch")
     x.add_argument("run", metavar="RUN_DIR", help="the run directory to export (its best.pt)")
     x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: %(default)s)")
@@ -695,10 +759,13 @@ def _preload(args: argparse.Namespace) -> None:
 
     if args.command == "tune":
         import optuna  # noqa: F401
+    if args.command == "explain":
+        with contextlib.suppress(ImportError):  # explain says what is missing
+            import captum.attr  # noqa: F401
     if args.command == "serve":
         with contextlib.suppress(ImportError):  # cmd_serve says what is missing
             from . import serve  # noqa: F401
-    if args.command in ("plot", "compare-init", "tune") or getattr(args, "samples", None) or (
+    if args.command in ("plot", "compare-init", "tune", "explain") or getattr(args, "samples", None) or (
             args.command == "train" and getattr(args, "plots", True)):
         from . import plots  # noqa: F401 (matplotlib)
 

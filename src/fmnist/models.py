@@ -278,8 +278,21 @@ class PixelClassifier(nn.Module):
             self.register_buffer(f"tail_{part}", cal.tails[part].clone())
         self.calibration = dataclasses.replace(cal, mahalanobis={}, tails={})  # temperature, method, threshold, scales
 
+    @staticmethod
+    def normalise(pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 28, 28) pixels 0-255 -> (N, 1, 28, 28) normalised, as data.normalize."""
+        return pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 28, 28) pixels 0-255 -> (N, classes) calibrated logits (divided by the run's temperature, with TTA
+        where the run uses it): the probabilities forward() gives are their softmax; explain.py attributes them."""
+        x = self.normalise(pixels)
+        logits = (tta_logits(self.model, x) if self.tta else self.model(x)).float()
+        t = self.calibration.temperature
+        return logits / t if t != 1.0 else logits
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pixels.unsqueeze(1) * (1.0 / (255.0 * STD)) - MEAN / STD  # (N, 1, 28, 28), as data.normalize
+        x = self.normalise(pixels)  # (N, 1, 28, 28)
         if self.taps:
             taps, logits = taps_and_logits(self.model, x, self.taps, self.tta)
             taps = {k: v.float() for k, v in taps.items()}

@@ -8,7 +8,7 @@ Figures: curves.png (loss, accuracy, learning rate), samples.png (a row of
 training images per class), neuron_<k>.png and .gif (a tracked neuron's
 incoming weights at every epoch), neurons_atlas.png (every first-layer neuron
 at the last epoch), confusion_matrix.png, mistakes.png and reliability.png
-(test split).
+(test split); `explanation` draws fmnist explain's figure of one image.
 Grids of many small pictures are tiled into one array and drawn with a single
 imshow: one axes per picture would make the atlas take seconds.
 """
@@ -296,6 +296,35 @@ def neuron_profile(profile: dict, images: np.ndarray, labels: np.ndarray, path: 
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def explanation(pixels: np.ndarray, attribution: np.ndarray, title: str, path: Path, method: str = "ig") -> Path:
+    """fmnist explain's figure: the 28x28 input the model saw (shown 8x), and the same input under the attribution
+    (red: pushed towards the class, blue: against; one scale symmetric about 0; the stronger, the more opaque)."""
+    a = np.asarray(attribution, np.float64)
+    scale = attribution_scale(a)
+    fig, (ax_in, ax_map) = plt.subplots(1, 2, figsize=(5.6, 3.0))
+    for ax, brightest in ((ax_in, 255), (ax_map, 255 / 0.6)):  # under the map, the input dimmed to 60 %
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=brightest, interpolation="nearest")
+        ax.set_axis_off()
+    shown = ax_map.imshow(a, cmap=DIVERGING, vmin=-scale, vmax=scale, interpolation="nearest",
+                          alpha=0.9 * np.sqrt(np.minimum(np.abs(a) / scale, 1)))  # 0: the input shows through
+    ax_in.set_title("what the model saw", fontsize=9)
+    ax_map.set_title(f"why ({METHOD_NAMES.get(method, method)})", fontsize=9)
+    bar = fig.colorbar(shown, ax=ax_map, fraction=0.046, pad=0.04)
+    bar.set_label("towards the class (red) / against (blue)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+METHOD_NAMES = {"ig": "integrated gradients", "saliency": "saliency", "occlusion": "occlusion"}
+
+
+def attribution_scale(a: np.ndarray) -> float:
+    """The colour scale's end: the 99th percentile of |attribution| (the few strongest pixels would otherwise
+    leave every other one pale), as the page's Why? draws it."""
+    return float(np.percentile(np.abs(a), 99)) or float(np.abs(a).max()) or 1.0
 
 
 def lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggested: float, lowest: float,

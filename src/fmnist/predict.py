@@ -309,6 +309,12 @@ class Predictor:
         probs, scores = out if isinstance(out, (tuple, list)) else (out, None)  # a TorchScript file from before
         return probs.float().cpu().numpy(), None if scores is None else scores.float().cpu().numpy()
 
+    @property
+    def pixel_classifier(self) -> Any:
+        """The models.PixelClassifier this predictor runs (pixels 0-255 in; its `logits` are what explain.py
+        attributes), or None for an exported model (ONNX, TorchScript), which keeps no logits to differentiate."""
+        return self._module if self.backend == "pytorch" else None
+
     # -- classifying
 
     def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -493,15 +499,21 @@ def _inputs_dir(path: str | Path) -> Path:
     return files.claim_output_dir(path, "predict --save-inputs")
 
 
-def _save_input(out_dir: Path, index: int, item: Any, pixels: np.ndarray, total: int) -> Path:
-    from . import files
-
+def output_path(out_dir: Path, index: int, item: Any, total: int) -> Path:
+    """Where the file written for the index-th of `total` inputs goes: out_dir/<number>-<its stem>.png (numbered, so
+    that two inputs of one name do not collide; --save-inputs' and fmnist explain's figures)."""
     stem = Path(item).stem if isinstance(item, (str, Path)) and str(item) != "-" else "stdin" if item == "-" \
         else "image"
     # at most 100 bytes of the name (a file system takes 255 bytes, and 100 characters can be 400 of them),
     # as text every output can print
     stem = display_name(stem).encode("utf-8")[:100].decode("utf-8", "ignore")
-    path = out_dir / f"{index + 1:0{len(str(total))}d}-{stem}.png"
+    return out_dir / f"{index + 1:0{len(str(total))}d}-{stem}.png"
+
+
+def _save_input(out_dir: Path, index: int, item: Any, pixels: np.ndarray, total: int) -> Path:
+    from . import files
+
+    path = output_path(out_dir, index, item, total)
     files.atomic_write(path, lambda tmp: Image.fromarray(pixels, "L").save(tmp, format="PNG"))
     return path
 

@@ -5,6 +5,8 @@
 
 Endpoints: POST /predict (multipart, field `file`, one or several images),
 POST /predict/pixels (a 28x28 JSON array, what the page's drawing canvas sends),
+POST /explain (as /predict, under the same limits: why the model answered, each input pixel's attribution from
+explain.py, with the 28x28 input it explains; 409 for an exported model, which has no gradients),
 GET /health, GET /ready (503 until the model is loaded), GET /metrics (Prometheus' text format, metrics.py),
 GET /limits, GET /model, GET /history, GET /neurons,
 GET /neurons/{k}, GET /examples (the product photos shipped in static/examples/,
@@ -60,7 +62,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import limits
@@ -364,6 +366,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     task = asyncio.create_task(batcher.run())
     app.state.served, app.state.batcher = served, batcher
     app.state.decoders = anyio.CapacityLimiter(DECODERS)  # on this event loop
+    app.state.explainers = anyio.CapacityLimiter(1)  # POST /explain's gradients: one request at a time
     if app.state.serving:  # a server's process, not a test's
         if served.predictor.backend != "onnxruntime":
             import torch
@@ -437,12 +440,13 @@ def _declared_pixels(name: str | None, raw: bytes, max_pixels: int) -> int:
     return width * height
 
 
-def _prepare_uploads(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[tuple[np.ndarray, str]]:
+def _prepare_uploads(uploads: list[tuple[str, bytes]], max_pixels: int, how: str = "auto"
+                     ) -> list[tuple[np.ndarray, str]]:
     """Decode and preprocess (in a worker thread); HTTPException 400 names the first file that is not an image."""
     out = []
     for name, raw in uploads:
         try:
-            out.append(preprocess.prepare(raw, max_pixels=max_pixels))
+            out.append(preprocess.prepare(raw, how, max_pixels=max_pixels))
         except ImageError as e:
             raise HTTPException(400, f"{name or 'the upload'}: {e}") from None
     return out
@@ -467,21 +471,63 @@ async def _classify(served: Served, batcher: Batcher, prepared: list[tuple[np.nd
     return records
 
 
-@router.post("/predict", summary="Classify one or several uploaded images")
-async def predict_files(request: Request, served: ServedDep, batcher: BatcherDep,
-                        file: list[UploadFile] = File(description="image files: PNG, JPEG, WebP, BMP, TIFF, GIF"),
-                        top_k: TopK = TOP_K, input: WithInput = False):
+async def _read_uploads(request: Request, file: list[UploadFile], preprocess: str = "auto"
+                        ) -> list[tuple[np.ndarray, str]]:
+    """The uploads of POST /predict and /explain as 28x28 model inputs, under the service's limits: 413 for too
+    many files or pixels (from the headers, before decoding), 400 naming the first file that is not an image."""
     policy: Policy = request.app.state.policy
     if len(file) > policy.max_files:
         raise HTTPException(413, f"{len(file)} files in one request: send at most {policy.max_files}.")
     uploads = [(f.filename, await f.read()) for f in file]
     pixels = sum(_declared_pixels(name, raw, policy.max_pixels) for name, raw in uploads)  # 413 before decoding
     if sum(len(raw) for _, raw in uploads) <= INLINE_BYTES and pixels <= INLINE_PIXELS:
-        prepared = _prepare_uploads(uploads, policy.max_pixels)  # small: quicker than handing it to a thread
-    else:  # large: in a worker thread (at most DECODERS at once), so that the server goes on answering meanwhile
-        prepared = await anyio.to_thread.run_sync(_prepare_uploads, uploads, policy.max_pixels,
-                                                  limiter=request.app.state.decoders)
+        return _prepare_uploads(uploads, policy.max_pixels, preprocess)  # small: quicker than handing it to a thread
+    # large: in a worker thread (at most DECODERS at once), so that the server goes on answering meanwhile
+    return await anyio.to_thread.run_sync(_prepare_uploads, uploads, policy.max_pixels, preprocess,
+                                          limiter=request.app.state.decoders)
+
+
+Files = Annotated[list[UploadFile], File(description="image files: PNG, JPEG, WebP, BMP, TIFF, GIF")]
+
+
+@router.post("/predict", summary="Classify one or several uploaded images")
+async def predict_files(request: Request, served: ServedDep, batcher: BatcherDep, file: Files,
+                        top_k: TopK = TOP_K, input: WithInput = False):
+    prepared = await _read_uploads(request, file)
     records = await _classify(served, batcher, prepared, [f.filename for f in file], top_k, input)
+    return records[0] if len(records) == 1 else records
+
+
+Method = Annotated[Literal["ig", "saliency", "occlusion"], Query(
+    description="ig: integrated gradients from a black (no product) baseline; saliency: the gradient's size; "
+                "occlusion: the logit's fall under a 4x4 black patch")]
+Target = Annotated[str | None, Query(description="the class to explain (a name or an index); default: the "
+                                                 "predicted one")]
+Preprocess = Annotated[Literal["auto", "photo", "dataset"], Query(
+    description="as fmnist predict --preprocess; dataset: a 28x28 input is taken as it is (the page sends the "
+                "input the model saw)")]
+
+
+@router.post("/explain", summary="Why the model answered: each input pixel's share in the class's calibrated logit")
+async def explain_files(request: Request, served: ServedDep, file: Files, method: Method = "ig",
+                        target: Target = None, preprocess: Preprocess = "auto"):
+    if served.predictor.pixel_classifier is None:
+        raise HTTPException(409, "this server holds an exported model (ONNX), which gives probabilities only and "
+                                 "no gradients to explain: serve the run directory to ask why")
+    from . import explain
+
+    try:
+        k = explain.parse_target(target, served.predictor.classes)
+    except predict.PredictError as e:
+        raise HTTPException(422, str(e).replace("--target", "target")) from None
+    prepared = await _read_uploads(request, file, preprocess)
+    pixels = np.stack([px for px, _ in prepared])
+    # gradients in a worker thread, one request at a time: a convnet's 50 IG steps take a while on a CPU
+    a, t, probs = await anyio.to_thread.run_sync(explain.attribute, served.predictor, pixels, method, k,
+                                                 limiter=request.app.state.explainers)
+    e = explain.Explanation(method, tuple(served.predictor.classes), pixels, a, t, probs)
+    records = [{"file": f.filename, "preprocess": chosen, **e.record(i), "input": pixels[i].tolist()}
+               for i, (f, (_, chosen)) in enumerate(zip(file, prepared))]
     return records[0] if len(records) == 1 else records
 
 

@@ -124,6 +124,8 @@ function resetResult() {
   $("#input-empty").hidden = false;
   $("#input-note").textContent = "The 28x28 image the model classified appears here.";
   $("#error").hidden = true;
+  seen = null;
+  whyOff(true);
 }
 
 function failed(prob, message) {  // no answer: nothing of the last one stays beside the message
@@ -150,6 +152,8 @@ function showResult(rec) {
   $("#bars-title").hidden = false;
   $("#input-img").src = rec.input;
   $("#input-img").hidden = false;
+  seen = rec;
+  whyOff(false);
   $("#input-empty").hidden = true;
   $("#input-note").textContent = `The 28x28 image the model classified (${rec.preprocess} preprocessing).`;
   const bars = $("#bars");
@@ -174,6 +178,7 @@ async function classify(url, options) {
   const ask = ++asked;
   $("#error").hidden = true;
   setResult("waiting", "classifying…", "");
+  whyOff(true);  // the reason for the last answer is not the reason for the next
   $("#bars").classList.add("stale");  // the previous answer stays in grey until this one comes
   try {
     const { top_k } = await getLimits();
@@ -182,6 +187,78 @@ async function classify(url, options) {
   } catch (err) {
     if (ask === asked) failed("no answer", err.message);
   }
+}
+
+// ------------------------------------------------------------------ why: the attribution over the input the model saw
+
+let seen = null;  // the record whose answer is shown (its input: the 28x28 PNG the model saw); null while none is
+let whyAsked = 0;  // the latest explanation asked for: an older one that arrives late is dropped
+
+// The plain input again, the button off; disabled while there is no answer to explain.
+function whyOff(disabled) {
+  ++whyAsked;
+  const button = $("#why");
+  button.setAttribute("aria-pressed", "false");
+  button.disabled = disabled;
+  $("#why-canvas").hidden = true;
+  $("#why-legend").hidden = true;
+  $("#why-status").textContent = "";
+  $("#input-img").hidden = !$("#input-img").getAttribute("src");
+}
+
+function pngBlob(dataUrl) {  // a data: URL's bytes (fetching it would need the policy to allow data: connections)
+  const bytes = atob(dataUrl.split(",")[1]);
+  return new Blob([Uint8Array.from(bytes, (ch) => ch.charCodeAt(0))], { type: "image/png" });
+}
+
+// POST explain with the very 28x28 input the model classified (preprocess=dataset: taken as it is).
+async function askWhy() {
+  const button = $("#why");
+  if (button.getAttribute("aria-pressed") === "true") { whyOff(false); return; }
+  const ask = ++whyAsked, answer = asked;
+  button.setAttribute("aria-pressed", "true");
+  $("#why-status").textContent = "working out why…";
+  try {
+    const form = new FormData();
+    form.append("file", pngBlob(seen.input), "input.png");
+    const rec = await api("explain?preprocess=dataset", { method: "POST", body: form });
+    if (ask === whyAsked && answer === asked) drawWhy(rec);
+  } catch (err) {
+    if (ask !== whyAsked || answer !== asked) return;
+    button.setAttribute("aria-pressed", "false");
+    $("#why-status").textContent = err.message;
+  }
+}
+$("#why").addEventListener("click", askWhy);  // a button: Enter and Space too
+
+// The input in grey (dimmed to 60 %), each pixel tinted by its attribution: red towards the class, blue against,
+// the stronger the more opaque, on one scale symmetric about 0 (as fmnist explain's figure).
+function drawWhy(rec) {
+  const a = rec.attribution.flat(), px = rec.input.flat();
+  const sorted = a.map(Math.abs).sort((u, v) => u - v);  // the 99th percentile of |a|, as fmnist explain's figure
+  const at = 0.99 * (sorted.length - 1), lo = Math.floor(at);
+  const scale = (sorted[lo] + (sorted[Math.min(lo + 1, sorted.length - 1)] - sorted[lo]) * (at - lo)) ||
+    sorted[sorted.length - 1] || 1;
+  const small = document.createElement("canvas");
+  small.width = small.height = 28;
+  const img = small.getContext("2d").createImageData(28, 28);
+  a.forEach((v, i) => {
+    const alpha = 0.9 * Math.sqrt(Math.min(Math.abs(v) / scale, 1)), tint = colour(0.5 + v / (2 * scale));
+    img.data.set([...tint.map((t) => Math.round(t * alpha + 0.6 * px[i] * (1 - alpha))), 255], i * 4);
+  });
+  small.getContext("2d").putImageData(img, 0, 0);
+  const canvas = $("#why-canvas");
+  canvas.hidden = false;
+  $("#input-img").hidden = true;
+  const [c, w, h] = fit(canvas);
+  c.imageSmoothingEnabled = false;  // each pixel one sharp square
+  c.drawImage(small, 0, 0, w, h);
+  canvas.dataset.target = rec.target;
+  canvas.setAttribute("aria-label", `Why the model said ${rec.target}: the 28x28 image it saw, each pixel tinted ` +
+    `red where it pushed the model towards ${rec.target}, blue where it pushed against.`);
+  $("#why-class").textContent = rec.target;
+  $("#why-legend").hidden = false;
+  $("#why-status").textContent = "";
 }
 
 // What the probabilities mean, from GET model: the run's temperature and out-of-distribution score.
