@@ -326,16 +326,20 @@ def test_serve_errors_are_one_sentence(trained_run, tmp_path, capsys):
 
 
 def test_a_neuron_profile_without_the_test_images_says_so(trained_run, monkeypatch):
-    from fastapi.testclient import TestClient
-
     from fmnist.errors import DataError
 
     def nowhere(*a, **kw):
         raise DataError("no Fashion-MNIST files in /somewhere/private")
 
     monkeypatch.setattr(data, "locate", nowhere)
-    with TestClient(serve.create_app(trained_run), base_url="http://127.0.0.1") as client:
-        r = client.get("/neurons/5/profile")
-        assert r.status_code == 404 and r.json()["detail"].startswith("the test images are not on the server")
-        assert "/somewhere" not in r.text  # the server's paths are not for clients
-        assert client.get("/neurons/5").status_code == 200  # its pictures still are
+    app = serve.create_app(trained_run)
+
+    async def go():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            return await c.get("/neurons/5/profile"), await c.get("/neurons/5")
+
+    r, pictures = asyncio.run(go())
+    assert r.status_code == 404 and r.json()["detail"].startswith("the test images are not on the server")
+    assert "/somewhere" not in r.text  # the server's paths are not for clients
+    assert pictures.status_code == 200  # its pictures still are
