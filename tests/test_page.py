@@ -328,6 +328,36 @@ def test_a_phone_390_wide_never_scrolls_sideways_and_draws_sharp_charts(browser,
     context.close()
 
 
+def test_the_neuron_viewer_shows_the_images_that_excite_the_neuron_most_on_a_phone(browser, live, trained_run):
+    from fmnist import data
+
+    context = browser.new_context(**PHONE)
+    page = context.new_page()
+    page.goto(live.url + "/")
+    page.click("#tab-explore")
+    shown = ("() => [...document.querySelectorAll('#profile-top img')].length === 9 && "
+             "[...document.querySelectorAll('#profile-top img')].every((i) => i.complete && i.naturalWidth === 28)")
+    page.wait_for_function(shown)
+    answer = httpx.get(live.url + "/neurons/5/profile").json()
+    alts = page.eval_on_selector_all("#profile-top img", "(imgs) => imgs.map((i) => i.alt)")
+    assert alts == [f"test image {t['index']}, a {data.CLASSES[t['label']]}, response {t['activation']:.2f}"
+                    for t in answer["top"]]  # the server's nine, most first
+    rows = page.eval_on_selector_all("#profile-classes li", "(li) => li.map((l) => l.textContent)")
+    assert len(rows) == 10 and all(r.startswith(name) and "vote" in r for r, name in zip(rows, data.CLASSES))
+    assert "neuron 5" in page.text_content("#profile-message")
+    assert page.evaluate("document.scrollingElement.scrollWidth <= innerWidth")
+    right = page.evaluate("Math.max(...[...document.querySelectorAll('#neuron-profile *')].map("
+                          "(e) => e.getBoundingClientRect().right))")
+    assert right <= 390
+    page.fill("#neuron-input", "6")  # another neuron: its own images, none of 5's left behind meanwhile
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#profile-message').textContent.includes('neuron 6 most,')")
+    six = httpx.get(live.url + "/neurons/6/profile").json()
+    alts = page.eval_on_selector_all("#profile-top img", "(imgs) => imgs.map((i) => i.alt)")
+    assert [a.split(",")[0] for a in alts] == [f"test image {t['index']}" for t in six["top"]]
+    context.close()
+
+
 class Held:
     """A batcher whose answers wait until the test lets them go."""
 

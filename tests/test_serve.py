@@ -81,6 +81,13 @@ def test_health_model_history_neurons_docs_and_page(client, trained_run):
     assert len(six["frames"]) == 1 and six["labels"][0].startswith("final weights only (best.pt, epoch")
     assert client.get("/neurons/33").json()["detail"] == "the first layer has neurons 1 to 32"
     assert client.get("/neurons/0").status_code == 422
+    profile = client.get("/neurons/5/profile").json()  # what neuron 5 responds to on the 200 test images
+    x, y = data.load_split(trained_run.parent.parent / "tiny", "test")
+    acts = [p["activation"] for p in profile["top"]]
+    assert len(profile["top"]) == 9 and acts == sorted(acts, reverse=True)
+    assert all(np.array_equal(p["pixels"], x[p["index"]]) and p["label"] == y[p["index"]] for p in profile["top"])
+    assert len(profile["per_class"]) == len(profile["votes"]) == 10 and profile["kind"] == "neuron"
+    assert client.get("/neurons/33/profile").status_code == 404
     assert "/predict" in client.get("/openapi.json").json()["paths"] and client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and 'id="draw"' in page.text
@@ -316,3 +323,23 @@ def test_serve_errors_are_one_sentence(trained_run, tmp_path, capsys):
             assert cli.main(["serve", *argv]) == 2  # before any server starts
             err = capsys.readouterr().err
             assert err.startswith("fmnist: error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_a_neuron_profile_without_the_test_images_says_so(trained_run, monkeypatch):
+    from fmnist.errors import DataError
+
+    def nowhere(*a, **kw):
+        raise DataError("no Fashion-MNIST files in /somewhere/private")
+
+    monkeypatch.setattr(data, "locate", nowhere)
+    app = serve.create_app(trained_run)
+
+    async def go():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            return await c.get("/neurons/5/profile"), await c.get("/neurons/5")
+
+    r, pictures = asyncio.run(go())
+    assert r.status_code == 404 and r.json()["detail"].startswith("the test images are not on the server")
+    assert "/somewhere" not in r.text  # the server's paths are not for clients
+    assert pictures.status_code == 200  # its pictures still are

@@ -155,6 +155,80 @@ def test_a_global_batch_that_does_not_split_is_one_sentence(tiny_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # nothing written beside the data
 
 
+def fmnist_nproc(*args: str, procs: int = 2, **kw) -> subprocess.Popen:
+    """`fmnist train --nproc N ...`: fmnist starts the workers itself, through torch's launcher."""
+    cmd = [sys.executable, "-m", "fmnist", "train", "--nproc", str(procs), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_nproc_is_one_sentence_exit_130_and_the_run_resumes(tiny_dir, tmp_path):
+    args = ["--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, "--epochs", "200", "--name", "c"]
+    # as a terminal does: Ctrl-C goes to the foreground process group (torch's launcher starts the workers in
+    # sessions of their own, so it is the launcher that passes Ctrl-C on to them)
+    p = fmnist_nproc(*args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(tmp_path / "c" / "last.pt", p)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, out + err
+    assert "Traceback" not in err and "terminate called" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"fmnist: interrupted; continue with: fmnist train --resume {tmp_path / 'c'}"], err
+    done = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 200 and not (tmp_path / "c" / "summary.json").exists()
+    assert not list(tmp_path.glob(".torchrun-*"))
+    rc, out = finish(fmnist_nproc("--resume", str(tmp_path / "c")))
+    assert rc == 0 and out.count("test accuracy") == 1 and "Traceback" not in out, out
+    rows = [json.loads(line) for line in (tmp_path / "c" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 201))
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["world_size"] == 2
+    assert not list(tmp_path.glob(".torchrun-*"))
+
+
+@pytest.mark.slow
+def test_an_error_of_the_workers_under_nproc_is_said_once(tiny_dir, tmp_path):
+    rc, out = finish(fmnist_nproc("--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY,
+                                  "--batch-size", "65"))
+    assert rc == 2, out
+    assert [line for line in out.splitlines() if line.strip()] == [
+        "fmnist: error: batch_size 65 (the global batch) does not split evenly over 2 processes; choose a "
+        "multiple of 2."]  # and nothing from torch's launcher
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nproc", "0"], "--nproc 0: give the number of processes"),
+    (["--nproc", "-2"], "--nproc -2"),
+    (["--nproc", "2", "--lr", "auto"], "--lr auto is not run on several processes"),
+])
+def test_nproc_flags_that_cannot_be_used_are_one_sentence(argv, words, tiny_dir, tmp_path, capsys):
+    from fmnist import cli
+
+    assert cli.main(["train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), *TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmnist: error: ") and words in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_nproc_under_torchrun_is_one_sentence(tiny_dir, tmp_path, capsys, monkeypatch):
+    from fmnist import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path), "--nproc", "2"]) == 2
+    assert "--nproc starts its own processes" in capsys.readouterr().err
+
+
+def test_the_workers_run_the_command_without_nproc():
+    from fmnist.cli import _without_nproc
+
+    assert _without_nproc(["--nproc", "2", "--epochs", "3"]) == ["--epochs", "3"]
+    assert _without_nproc(["--epochs", "3", "--nproc=4", "--name", "x"]) == ["--epochs", "3", "--name", "x"]
+    assert _without_nproc(["--epochs", "2", "--npr", "2"]) == ["--epochs", "2"]  # argparse's abbreviation
+    assert _without_nproc(["--name", "a", "--", "--nproc"]) == ["--name", "a", "--", "--nproc"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

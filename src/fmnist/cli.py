@@ -143,6 +143,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import train
 
     found = None  # the range test's result, with --lr auto
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: give the number of processes to train on, 1 or more.")
+    if args.nproc is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ConfigError("--nproc starts its own processes, so it is not given under torchrun (whose "
+                          "--nproc-per-node says how many): leave one of them out.")
     if args.resume:
         given = [k for k in given_fields(args) if k != "data_dir"]
         if given or args.config or args.preset:
@@ -158,9 +163,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   "lr-find first and give its rate with --lr.")
             del args.lr
         cfg = config_from_args(args)
+        if auto and args.nproc not in (None, 1):
+            raise ConfigError("--lr auto is not run on several processes (each would sweep alone): run fmnist "
+                              "lr-find first and give its rate with --lr.")
         found = _find_lr(cfg, _echo(args)) if auto else None
         if found is not None:
             cfg = dataclasses.replace(cfg, lr=found.suggested_lr).validate()
+    if args.nproc not in (None, 1):  # the flags are good: the workers run this command without --nproc
+        from . import distributed
+
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
     run = train.fit(cfg, resume=args.resume, progress=_progress(args), echo=_echo(args),
                     command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
     if not args.resume and found is not None:
@@ -178,6 +190,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if report.is_file():
         print(f"report: {report}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train command line `argv` less its --nproc N (or --nproc=N, or an abbreviation argparse took)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--":
+            return out + argv[i:]
+        elif len(a.split("=")[0]) > 3 and "--nproc".startswith(a.split("=")[0]):
+            skip = "=" not in a
+        else:
+            out.append(a)
+    return out
 
 
 def _find_lr(cfg: TrainConfig, echo, sweep: tuple[float, float, int] | None = None) -> Any:
@@ -554,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model into runs/<name>/")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt "
                                                        "(with --data-dir if its data has moved)")
+    t.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine (DDP: gloo on "
+                                                          "CPUs, NCCL on GPUs), started by torch's launcher")
     common(t)
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
@@ -833,6 +862,7 @@ def _main(argv: list[str] | None) -> int:
             if hint:
                 e.hint = (e.hint + hint).strip()
             raise
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what --nproc's workers run
         with interrupts_deferred():
             _preload(args)
         return args.func(args)

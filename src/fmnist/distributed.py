@@ -1,4 +1,5 @@
-"""Many processes for one training (torchrun): the world, the process group, and what the ranks share.
+"""Many processes for one training (torchrun, or `fmnist train --nproc N` through torch's launcher): the world,
+the process group, and what the ranks share.
 
 Without torchrun every function here is the identity of one process: rank 0 of
 1, nothing started, nothing sent. Devices, precision and threads are devices.py's.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 from typing import Any
 
 import torch
@@ -201,3 +203,47 @@ def on_main(fn: Any, world: World) -> Any:
             error.rank = 0  # rank 0 says it for every rank; the others stay quiet
         raise error
     return result
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`python -m fmnist ARGV` as `nproc` worker processes on this machine, started by torch's own launcher
+    (torchrun's, run in this process); returns the exit code the command should end with.
+
+    The workers speak (rank 0 says the result, an error or Ctrl-C once); the launcher stays silent: torch's
+    log lines are switched off while it runs, and its SignalException (Ctrl-C or SIGTERM reached this process,
+    and it has stopped the workers with the same signal) becomes the exit code 128 + the signal. A worker that a
+    signal killed is a TrainError, said by the launcher since the killed process could not speak.
+    """
+    import logging
+    import signal
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .errors import TrainError
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)  # torchrun --standalone's rendezvous
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    logging.disable(logging.CRITICAL)  # torch's "Received 2 death signal", "Sending process ... closing signal"
+    try:
+        elastic_launch(config, sys.executable)("-m", "fmnist", *argv)
+        return 0
+    except SignalException as e:  # the workers have had the same signal and are gone
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        spoke = sorted(rank for rank, f in e.failures.items() if f.exitcode > 0)  # a worker said why (rank 0 first)
+        if spoke:
+            return e.failures[spoke[0]].exitcode
+        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)  # the first to die: the cause
+        raise TrainError(f"the worker process of rank {rank} was killed by {failure.signal_name()}, and the others "
+                         "were stopped; continue the run with fmnist train --resume runs/<name> if it holds a "
+                         "last.pt.") from None
+    finally:
+        logging.disable(logging.NOTSET)
+        for s, h in handlers.items():
+            if h is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(s, h)

@@ -9,8 +9,9 @@ POST /explain (as /predict, under the same limits: why the model answered, each 
 explain.py, with the 28x28 input it explains; 409 for an exported model, which has no gradients),
 GET /health, GET /ready (503 until the model is loaded), GET /metrics (Prometheus' text format, metrics.py),
 GET /limits, GET /model, GET /history, GET /neurons,
-GET /neurons/{k}, GET /examples (the product photos shipped in static/examples/,
-which the page offers to click), the OpenAPI docs at /docs (Swagger UI served
+GET /neurons/{k}, GET /neurons/{k}/profile (what the neuron responds to on the test split, computed on first
+asking and kept; 404 with a sentence when the test images are not on the server), GET /examples (the product
+photos shipped in static/examples/, which the page offers to click), the OpenAPI docs at /docs (Swagger UI served
 from the swagger-ui-bundle-v2 package, nothing from a CDN), and the page at /
 (plain HTML, CSS and JavaScript in static/, nothing fetched from elsewhere,
 every URL relative).
@@ -81,7 +82,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import __version__, metrics, predict, preprocess
-from .errors import ConfigError, ImageError, RunError
+from .errors import ConfigError, DataError, ImageError, RunError
 
 MAX_BODY = 10 * 2**20  # bytes: the default limit on a request body (10 MiB)
 INLINE_BYTES = 32 * 2**10  # uploads up to this size (and INLINE_PIXELS) are decoded on the event loop
@@ -305,6 +306,27 @@ class Served:
     tracked: dict[int, np.ndarray]  # neuron (1-based) -> (epochs + 1, h, w): the neurons followed every epoch
     parameters: int
     conv: bool  # the first layer is a convolution (its pictures are kernels)
+    profiles: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # neuron -> /profile's answer
+
+    def profile(self, k: int) -> dict[str, Any]:
+        """What first-layer neuron `k` responds to on the run's test split (evaluate.neuron_profile), computed
+        once per neuron on a copy of the model (its forward hook must not touch the predictions being served).
+        DataError when the test images are not on this machine."""
+        if k not in self.profiles:
+            import copy
+
+            from . import data, evaluate, runs
+
+            directory = data.locate(runs.read_config(self.run_dir).data_dir or None)
+            images, labels = data.load_split(directory, "test")
+            found = evaluate.neuron_profile(copy.deepcopy(self.predictor.model).cpu(), images, labels, k)
+            self.profiles[k] = {
+                "neuron": k, "kind": "filter" if self.conv else "neuron", "classes": list(data.CLASSES),
+                "top": [{"index": i, "label": int(labels[i]), "activation": round(float(found["activation"][i]), 4),
+                         "pixels": images[i].tolist()} for i in found["top"].tolist()],
+                "per_class": [round(float(v), 4) for v in found["per_class"]],
+                "votes": [round(float(v), 4) for v in found["votes"]]}
+        return self.profiles[k]
 
     @property
     def default_neuron(self) -> int:
@@ -632,6 +654,21 @@ async def neuron(served: ServedDep, k: int = PathParam(ge=1, description="1-base
     scale = float(np.abs(frames).max()) or 1.0  # one colour scale across the epochs, as neuron_<k>.png
     return {"neuron": k, "tracked": k in served.tracked, "labels": labels, "scale": scale,
             "frames": np.round(frames, 6).tolist()}
+
+
+@router.get("/neurons/{k}/profile", summary="What a first-layer neuron responds to on the test split: the nine "
+                                            "images that excite it most, its mean per class, its vote per class")
+async def neuron_profile(served: ServedDep, k: int = PathParam(ge=1, description="1-based, as --track-neurons")):
+    if not len(served.pictures):
+        raise HTTPException(404, NO_NEURONS)
+    if k > len(served.pictures):
+        raise HTTPException(404, f"the first layer has neurons 1 to {len(served.pictures)}")
+    try:
+        return await anyio.to_thread.run_sync(served.profile, k)
+    except DataError:  # its sentence names this machine's paths: not for clients
+        raise HTTPException(404, "the test images are not on the server, so what this neuron responds to cannot "
+                                 "be shown (its pictures can): put the Fashion-MNIST files where fmnist data "
+                                 "finds them and restart the server.") from None
 
 
 @open_router.get("/", include_in_schema=False)

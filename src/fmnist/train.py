@@ -311,8 +311,10 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
         except RuntimeError as e:
             if world.size > 1 and _lost_peer(e):  # another rank died (killed, out of memory): gloo's traceback
                 last = run_dir / "last.pt"
-                how = (f"torchrun starts it again from {last} if --max-restarts allows, or continue with: fmnist "
-                       f"train --resume {run_dir}") if last.is_file() else "run the same command again"
+                how = ("run the same command again" if not last.is_file()
+                       else f"continue with: fmnist train --resume {run_dir}" if _last_attempt()
+                       else f"torchrun starts it again from {last} if --max-restarts allows, or continue with: "
+                            f"fmnist train --resume {run_dir}")
                 raise TrainError(f"another process of this training stopped ({_first_line(e)}); {how}.") from None
             if "memory" in str(e).lower() and ("allocat" in str(e).lower() or "out of" in str(e).lower()):
                 raise TrainError(f"out of memory while training ({str(e).splitlines()[0][:120]}); "

@@ -561,8 +561,60 @@ function neuronProblem(text) {  // why the field names no neuron, or null
   return k >= 1 && k <= n ? null : `There is no neuron ${k}: the first layer has neurons 1 to ${n}.`;
 }
 
+function showProfile(profile, message) {  // what the neuron responds to, or none, with a message
+  $("#profile-message").textContent = message;
+  $("#profile-body").hidden = !profile;
+  const top = $("#profile-top"), classes = $("#profile-classes");
+  top.replaceChildren();
+  classes.replaceChildren();
+  if (!profile) return;
+  for (const t of profile.top) {  // each test image as a 28x28 picture, white on black as the dataset has it
+    const small = document.createElement("canvas");
+    small.width = 28;
+    small.height = 28;
+    const img = small.getContext("2d").createImageData(28, 28);
+    t.pixels.flat().forEach((v, i) => img.data.set([v, v, v, 255], i * 4));
+    small.getContext("2d").putImageData(img, 0, 0);
+    const li = document.createElement("li"), pic = document.createElement("img"), cap = document.createElement("span");
+    pic.src = small.toDataURL();
+    pic.alt = `test image ${t.index}, a ${profile.classes[t.label]}, response ${t.activation.toFixed(2)}`;
+    cap.textContent = profile.classes[t.label];
+    cap.setAttribute("aria-hidden", "true");
+    li.append(pic, cap);
+    top.append(li);
+  }
+  const most = Math.max(...profile.per_class.map(Math.abs)) || 1;
+  profile.classes.forEach((name, c) => {
+    const li = document.createElement("li"), label = document.createElement("span");
+    const bar = document.createElement("span");
+    const mean = profile.per_class[c], vote = profile.votes[c];
+    label.className = "profile-name";
+    label.textContent = name;
+    bar.className = "profile-bar" + (mean < 0 ? " negative" : "");
+    bar.style.width = `${(100 * Math.abs(mean)) / most}%`;
+    bar.setAttribute("aria-hidden", "true");
+    const figures = document.createElement("span");
+    figures.className = "profile-figures";
+    figures.textContent = `${mean.toFixed(2)}, vote ${vote >= 0 ? "+" : ""}${vote.toFixed(2)}`;
+    li.append(label, bar, figures);
+    classes.append(li);
+  });
+}
+
+async function loadProfile(k, ask) {
+  showProfile(null, `finding the test images that excite neuron ${k} most…`);
+  try {
+    const profile = await api(`neurons/${k}/profile`);
+    if (ask === neuronAsked) showProfile(profile, `The ${profile.top.length} test images that excite ${profile.kind} ` +
+      `${k} most, most first:`);
+  } catch (err) {
+    if (ask === neuronAsked) showProfile(null, err.message);
+  }
+}
+
 function showNeuron(shown, label, message) {  // the picture of `shown`, or none, with a label and a message
   neuron = shown;
+  if (!shown) showProfile(null, "");
   $("#neuron-figure").hidden = !shown;
   $("#epoch-label").textContent = label;
   const m = $("#neuron-message");
@@ -585,6 +637,7 @@ async function loadNeuron(k) {
     $("#scale-low").textContent = (-answer.scale).toFixed(3);
     $("#scale-high").textContent = answer.scale.toFixed(3);
     drawNeuron(answer.frames.length - 1);
+    loadProfile(k, ask);
   } catch (err) {
     if (ask !== neuronAsked) return;
     showNeuron(null, "", err.message);
