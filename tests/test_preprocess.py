@@ -346,3 +346,16 @@ def test_fifo_nan_tiff_eps_and_psd_are_refused_in_one_sentence(tmp_path):
     (tmp_path / "a.psd").write_bytes(header + b"\0" * 12 + struct.pack(">H", 2) + b"\0" * 1200)
     with pytest.raises(ImageError, match="a PSD image, a format fmnist does not support"):
         preprocess.prepare(tmp_path / "a.psd")
+
+
+@pytest.mark.parametrize("angle", [-11.0, -4.0, 0.0, 7.5])
+def test_a_symmetric_product_is_turned_by_its_symmetry(angle):
+    """A dress (mirror-symmetric, whose smallest box is not upright) turned by a known angle: the turn that
+    makes it symmetric again is found within a degree, and it counts as symmetric; a shoe's profile does not."""
+    dress = Image.fromarray(_products()[0]).resize((200, 200), Image.Resampling.BICUBIC)
+    mask = np.asarray(Image.fromarray(np.pad(np.asarray(dress), 50)).rotate(angle, Image.Resampling.BILINEAR)) > 30
+    found, score = preprocess._symmetry_angle(mask)
+    assert abs(found - angle) <= 1.0 and score >= preprocess.SYMMETRIC
+    shoe = Image.new("L", (200, 120), 0)
+    ImageDraw.Draw(shoe).polygon([(0, 119), (199, 119), (199, 80), (120, 60), (60, 0), (0, 10)], fill=255)
+    assert preprocess._symmetry_angle(np.asarray(shoe) > 0)[1] < preprocess.SYMMETRIC
