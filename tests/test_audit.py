@@ -190,3 +190,10 @@ def test_real_data_flips_found_and_indices_point_into_the_files(real_dir, tmp_pa
         if r["split"] == "train" and not r["flipped"]:
             assert r["given"] == data.CLASSES[ytr[r["index"]]]
     assert paths["label_issues"].is_file()
+
+
+def test_an_empty_gallery_is_still_a_figure_of_fmnist(tmp_path):
+    from fmnist import files, plots
+
+    path = plots.gallery(np.zeros((0, 28, 28), np.uint8), [], tmp_path / "none.png", "nothing flagged")
+    assert files.made_by_fmnist(path)

@@ -326,7 +326,8 @@ def _audit(pool: Pool, cfg: TrainConfig, folds: int, flip: float, device: torch.
 
 # ---------------------------------------------------------------- files
 
-WORST = 32  # label issues drawn in label_issues.png (and test images in label_issues_test.png)
+WORST = 24  # label issues drawn in label_issues.png
+TEST_SHOWN = 80  # flagged test images drawn in label_issues_test.png (the real files: about 50, all of them)
 PAIRS = 20  # duplicate pairs drawn in duplicates_across.png
 
 
@@ -365,22 +366,23 @@ def write(result: Audit, pool: Pool, out: Path) -> dict[str, Path]:
     def image(rec: dict[str, Any]) -> np.ndarray:
         return pool.images[position[(SPLITS.index(rec["split"]), rec["index"])]]
 
-    def issue_gallery(recs: list[dict[str, Any]], path: Path, title: str) -> Path:
+    def issue_gallery(recs: list[dict[str, Any]], path: Path, title: str, cols: int = 8) -> Path:
         captions = [f"{r['split']} {r['index']}\ngiven: {r['given']}\nsuggested: {r['suggested']}\n"
                     f"{100 * r['confidence']:.1f}%" for r in recs]
         colors = ["tab:blue" if r.get("flipped") else "black" for r in recs]
         return plots.gallery(np.array([image(r) for r in recs]).reshape(-1, 28, 28), captions, path, title,
-                             colors=colors)
+                             cols=cols, colors=colors)
 
     worst = result.issues[:WORST]
     paths["label_issues"] = issue_gallery(
         worst, out / "label_issues.png", f"The {len(worst)} likeliest label errors of {len(result.issues)} flagged "
         "(confidence: the out-of-fold probability of the suggested class)"
         + ("; blue: flipped on purpose (--flip)" if result.flip else ""))
-    test = [r for r in result.issues if r["split"] == "test"][:WORST]
+    test = [r for r in result.issues if r["split"] == "test"]
+    shown = f"the likeliest {TEST_SHOWN} of {len(test)}" if len(test) > TEST_SHOWN else f"all {len(test)}"
     paths["label_issues_test"] = issue_gallery(
-        test, out / "label_issues_test.png", f"Test images flagged: {len(test)} of "
-        f"{sum(r['split'] == 'test' for r in result.issues)}, likeliest first")
+        test[:TEST_SHOWN], out / "label_issues_test.png", f"Test images flagged as likely label errors: {shown}, "
+        "likeliest first (confidence: the out-of-fold probability of the suggested class)", cols=10)
     across = [d for d in result.duplicates if d["where"] == "across"][:PAIRS]
     pictures, captions = [], []
     for d in across:

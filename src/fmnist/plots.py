@@ -242,7 +242,7 @@ def gallery(images: np.ndarray, captions: list[str], path: Path, title: str, col
     the worst label issues of `fmnist audit` (given, suggested, confidence) or its duplicate pairs side by side."""
     n = len(images)
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.05 * rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.3 * rows + 0.3), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for k, (ax, im, text) in enumerate(zip(axes.flat, images, captions)):
