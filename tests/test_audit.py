@@ -139,6 +139,7 @@ def test_cli_json_names_each_image_by_its_file_and_index(tmp_path, capsys):
     (["--folds", "50"], ["--folds 50"]),
     (["--flip", "0.7"], ["--flip 0.7", "below 0.5"]),
     (["--flip", "-0.1"], ["--flip -0.1"]),
+    (["--flip", "0.0001"], ["--flip 0.0001", "flips none"]),
     (["--preset", "turbo"], ["turbo", "mlp-fast"]),
     (["--preset", "mlp-best"], ["mlp-best", "from scratch"]),
     (["--show", "-1"], ["--show -1"]),
@@ -172,6 +173,7 @@ def test_too_few_images_for_the_folds_is_one_sentence(tmp_path, capsys):
     d = write_files(tmp_path / "d", synthetic(30, 1), synthetic(10, 2))
     assert cli.main(["audit", "--data-dir", str(d), "--folds", "5", "--out-dir", str(tmp_path / "o")]) == 2
     assert "too few" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import config as config_mod
 from . import data, devices, evaluate, files, runs, train
 from .config import TrainConfig
 from .errors import ConfigError
@@ -113,10 +115,18 @@ def check(folds: int, flip: float) -> None:
                           "0.5 (0.01 flips 1 %).")
 
 
+def check_pool(pool: Pool, folds: int, flip: float) -> None:
+    """Too few images for the folds, or a flip fraction that flips no label, is one sentence."""
+    n, n_train = len(pool.labels), int((pool.split == 0).sum())
+    if n < 2 * folds or np.bincount(pool.labels).max() < folds:
+        raise ConfigError(f"{n} images are too few for {folds} folds; choose fewer --folds.")
+    if flip > 0 and round(flip * n_train) == 0:
+        raise ConfigError(f"--flip {flip} of {n_train} training labels flips none; choose at least "
+                          f"{0.5 / max(n_train, 1):.2g}.")
+
+
 def model_config(preset: str, seed: int, threads: int = 0) -> TrainConfig:
     """The preset the folds train, at `seed`, with nothing written."""
-    from . import config as config_mod
-
     cfg = config_mod.preset(preset, TrainConfig())
     if cfg.teacher:
         raise ConfigError(f"--preset {preset} distils from a trained run, which has seen every fold; choose a preset "
@@ -134,8 +144,10 @@ def fold_of(labels: np.ndarray, folds: int, seed: int, groups: list[np.ndarray] 
 
     fold = np.empty(len(labels), dtype=np.int64)
     cut = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(cut.split(np.zeros(len(labels)), labels)):
-        fold[held] = k
+    with warnings.catch_warnings():  # a class with fewer images than folds is missing from some: said by no one
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, held) in enumerate(cut.split(np.zeros(len(labels)), labels)):
+            fold[held] = k
     for g in groups:
         fold[g] = fold[g[0]]
     return fold
@@ -271,12 +283,11 @@ def audit(pool: Pool, cfg: TrainConfig, folds: int = FOLDS, flip: float = 0.0, d
 def _audit(pool: Pool, cfg: TrainConfig, folds: int, flip: float, device: torch.device, progress: bool,
            echo: Callable[[str], None], preset: str) -> Audit:
     start = time.perf_counter()
+    check_pool(pool, folds, flip)
     n = len(pool.labels)
-    if n < 2 * folds or np.bincount(pool.labels).max() < folds:
-        raise ConfigError(f"{n} images are too few for {folds} folds; choose fewer --folds.")
     labels, flipped = pool.labels, np.zeros(0, dtype=np.int64)
+    train_idx = np.flatnonzero(pool.split == 0)
     if flip > 0:
-        train_idx = np.flatnonzero(pool.split == 0)
         new, which = flip_labels(pool.labels[train_idx], flip, cfg.seed)
         labels = pool.labels.copy()
         labels[train_idx] = new
@@ -341,6 +352,7 @@ def run(data_dir: str | None, preset: str = PRESET, folds: int = FOLDS, out_dir:
     cfg = model_config(preset, seed, threads)
     directory = data.locate(data_dir)
     pool = Pool.of(data.load_split(directory, "train"), data.load_split(directory, "test"))
+    check_pool(pool, folds, flip)
     out = files.claim_output_dir(out_dir, "audit")
     dev = devices.pick_device(cfg.device)
     result = audit(pool, cfg, folds, flip, dev, progress, echo, preset)
