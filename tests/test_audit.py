@@ -199,3 +199,12 @@ def test_an_empty_gallery_is_still_a_figure_of_fmnist(tmp_path):
 
     path = plots.gallery(np.zeros((0, 28, 28), np.uint8), [], tmp_path / "none.png", "nothing flagged")
     assert files.made_by_fmnist(path)
+
+
+def test_a_missing_package_is_one_sentence(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab -> ImportError
+    assert cli.main(["audit", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'fmnist[audit]'" in err and len(err.strip().splitlines()) == 1

@@ -106,7 +106,13 @@ class Audit:
 # ---------------------------------------------------------------- checks
 
 def check(folds: int, flip: float) -> None:
-    """A fold count or flip fraction that cannot be used is one sentence."""
+    """A fold count or flip fraction that cannot be used, or a missing package, is one sentence."""
+    for package in ("cleanlab", "sklearn", "scipy"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise ConfigError(f"fmnist audit needs cleanlab and scikit-learn ({package} is missing): "
+                              "pip install 'fmnist[audit]'.") from None
     if not 2 <= folds <= MAX_FOLDS:
         raise ConfigError(f"--folds {folds}: choose between 2 and {MAX_FOLDS} folds (each image is judged by a "
                           "model trained on the other folds).")

@@ -760,8 +760,9 @@ def _preload(args: argparse.Namespace) -> None:
         with contextlib.suppress(ImportError):  # cmd_serve says what is missing
             from . import serve  # noqa: F401
     if args.command == "audit":
-        import cleanlab.filter  # noqa: F401
-        import sklearn.neighbors  # noqa: F401
+        with contextlib.suppress(ImportError):  # audit.check says what is missing
+            import cleanlab.filter  # noqa: F401
+            import sklearn.neighbors  # noqa: F401
     if args.command in ("plot", "compare-init", "tune", "audit") or getattr(args, "samples", None) or (
             args.command == "train" and getattr(args, "plots", True)):
         from . import plots  # noqa: F401 (matplotlib)
