@@ -208,3 +208,17 @@ def test_a_missing_package_is_one_sentence(monkeypatch, tmp_path, capsys):
     assert cli.main(["audit", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'fmnist[audit]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_label_smoothing_raises_the_limit_by_the_level_it_trains_wrong_classes_towards():
+    import dataclasses
+
+    assert audit.given_limit(SMALL) == audit.MAX_GIVEN
+    assert audit.given_limit(dataclasses.replace(SMALL, label_smoothing=0.1)) == pytest.approx(audit.MAX_GIVEN + 0.01)
+    labels = np.array([0, 0, 1, 1] * 10)
+    probs = np.full((40, 10), 0.02 / 9, np.float32)
+    probs[np.arange(40), labels] = 0.98
+    probs[0] = 0.001 / 8  # image 0: labelled 0; the model says 1 (0.984) and gives 0 1.5 %
+    probs[0, :2] = 0.015, 0.984
+    assert 0 not in audit.label_issues(labels, probs, 0.01)[0]
+    assert 0 in audit.label_issues(labels, probs, 0.02)[0]

@@ -10,7 +10,7 @@ on the other k - 1 folds, give each image probabilities from a model that never 
 `cleanlab.filter.find_label_issues` then flags the images whose given label the probabilities contradict.
 One pool rather than train and test apart: each model learns from 80 % of 70,000 images instead of a test-only
 model learning from 8,000, and the two files' images are judged by the same models. The flag is kept only where
-the model gives the given label less than MAX_GIVEN (see there).
+the model gives the given label less than MAX_GIVEN (see there; above the floor of label smoothing).
 
 Duplicates: exact ones by a hash of the 784 bytes; near ones by the cosine similarity of the mean-centred
 images, at least NEAR (see there), found without comparing every pair: a projection onto the leading principal
@@ -50,13 +50,13 @@ from .errors import ConfigError
 FOLDS = 5  # models trained; each image is judged by the one whose training left its fold out
 MAX_FOLDS = 20
 PRESET = "mlp-fast"  # see benchmarks/RESULTS.md, "The data's own mistakes", for the convnet against it
-# A flag is kept only where the out-of-fold probability of the given label is below this. cleanlab's flags alone
-# (filter_by="low_self_confidence", as many as its confident joint estimates errors) include every image of the
-# classes the model confuses (shirt, T-shirt, pullover, coat) that it leans the other way on: with mlp-fast and 1 %
-# of the labels flipped (seed 0), 2,248 training images, 26 % of them flips. A label the model gives under 1 % is
-# another matter: 726 flags, 71 % flips, 86 % of the flips among them. Chosen on flip seed 0 (0.001-0.1 tried),
-# measured on seeds 1-3 (benchmarks/RESULTS.md). It suits a preset trained without label smoothing: smoothing
-# keeps every class's probability near or above it (label_smoothing / 10), so a smoothed preset flags few images.
+# A flag is kept only where the out-of-fold probability of the given label is below this (plus the floor that label
+# smoothing trains every class towards: see `given_limit`). cleanlab's flags alone (filter_by="low_self_confidence", as
+# many as its confident joint estimates errors) include every image of the classes the model confuses (shirt,
+# T-shirt, pullover, coat) that it leans the other way on: with mlp-fast and 1 % of the labels flipped (seed 0),
+# 2,248 training images, 26 % of them flips. A label the model gives under 1 % is another matter: 726 flags, 71 %
+# flips, 86 % of the flips among them. Chosen on flip seed 0 (0.001-0.1 tried), measured on seeds 1-3
+# (benchmarks/RESULTS.md).
 MAX_GIVEN = 0.01
 NEAR = 0.995  # cosine similarity of mean-centred images: at and above, the same photo (a crop, a shade apart)
 PCA_DIMS = 24  # principal components the candidates of near duplicates are searched in
@@ -177,6 +177,13 @@ def out_of_fold(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, fold: 
         echo(f"fold {k + 1}/{folds}: trained on {len(kept):,} images, {100 * s.accuracy:.2f} % of its "
              f"{len(held):,} held-out labels agree with the model, {time.perf_counter() - start:.1f} s")
     return probs
+
+
+def given_limit(cfg: TrainConfig) -> float:
+    """The most out-of-fold probability of its given label a flagged image may have: MAX_GIVEN above the level that
+    label smoothing trains every wrong class towards (label_smoothing / classes: 0.01 for the smoothed presets, whose
+    models give hardly any class less)."""
+    return MAX_GIVEN + cfg.label_smoothing / len(data.CLASSES)
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray, max_given: float = MAX_GIVEN
@@ -306,7 +313,7 @@ def _audit(pool: Pool, cfg: TrainConfig, folds: int, flip: float, device: torch.
     groups = duplicate_groups(near, n)
     fold = fold_of(labels, folds, cfg.seed, exact + groups)
     probs = out_of_fold(cfg, pool.images, labels, fold, device, progress, echo)
-    flagged, quality = label_issues(labels, probs)
+    flagged, quality = label_issues(labels, probs, given_limit(cfg))
 
     issues = [{**pool.name(i), "given": data.CLASSES[labels[i]], "suggested": data.CLASSES[int(probs[i].argmax())],
                "confidence": round(float(probs[i].max()), 4), "quality": round(float(quality[i]), 4),
@@ -335,7 +342,7 @@ def _audit(pool: Pool, cfg: TrainConfig, folds: int, flip: float, device: torch.
                   "recall": round(found / max(len(flipped), 1), 4),
                   "precision": round(found / max(len(train_flags), 1), 4)}
     settings = {"preset": preset, "model": cfg.model, "epochs": cfg.epochs, "folds": folds, "seed": cfg.seed,
-                "flip": flip, "near_threshold": NEAR, "max_given": MAX_GIVEN,
+                "flip": flip, "near_threshold": NEAR, "max_given": round(given_limit(cfg), 6),
                 "filter": "cleanlab.filter.find_label_issues(filter_by='low_self_confidence')"}
     return Audit(issues, duplicates, named_groups, counts, settings, round(time.perf_counter() - start, 2), result,
                  probs)
