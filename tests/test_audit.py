@@ -143,6 +143,8 @@ def test_cli_json_names_each_image_by_its_file_and_index(tmp_path, capsys):
     (["--preset", "turbo"], ["turbo", "mlp-fast"]),
     (["--preset", "mlp-best"], ["mlp-best", "from scratch"]),
     (["--show", "-1"], ["--show -1"]),
+    pytest.param(["--device", "cuda"], ["cuda", "not available"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_values_are_one_sentence(tiny_dir, tmp_path, capsys, argv, words):
     assert cli.main(["audit", "--data-dir", str(tiny_dir), "--out-dir", str(tmp_path / "o"), *argv]) == 2

@@ -472,7 +472,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.show < 0:
         raise ConfigError(f"--show {args.show}: the number of label issues to list cannot be negative.")
     result, paths = audit.run(args.data_dir, args.preset, args.folds, args.out_dir, args.seed, args.flip,
-                              threads=args.threads, progress=_progress(args), echo=_echo(args))
+                              device=args.device, threads=args.threads, progress=_progress(args), echo=_echo(args))
     if args.json:
         _print_json({"files": {k: str(v) for k, v in paths.items()}, **result.to_dict()})
         return 0
@@ -689,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the training labels (0.01: 1 %%) and report how many it finds (default: 0, off)")
     a.add_argument("--show", type=int, default=20, help="label issues listed in the table (default: %(default)s)")
     a.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, this machine's share)")
+    a.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help)
     common(a)
     a.set_defaults(func=cmd_audit)
 
