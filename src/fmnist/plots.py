@@ -9,6 +9,7 @@ training images per class), neuron_<k>.png and .gif (a tracked neuron's
 incoming weights at every epoch), neurons_atlas.png (every first-layer neuron
 at the last epoch), confusion_matrix.png, mistakes.png and reliability.png
 (test split).
+`gallery` draws fmnist audit's figures (label issues, duplicate pairs).
 Grids of many small pictures are tiled into one array and drawn with a single
 imshow: one axes per picture would make the atlas take seconds.
 """
