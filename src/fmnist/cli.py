@@ -537,6 +537,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import audit
+
+    if args.preset == "":
+        raise ConfigError("--preset was given an empty value.")
+    if args.show < 0:
+        raise ConfigError(f"--show {args.show}: the number of label issues to list cannot be negative.")
+    result, paths = audit.run(args.data_dir, args.preset, args.folds, args.out_dir, args.seed, args.flip,
+                              device=args.device, threads=args.threads, progress=_progress(args), echo=_echo(args))
+    if args.json:
+        _print_json({"files": {k: str(v) for k, v in paths.items()}, **result.to_dict()})
+        return 0
+    c = result.counts
+    flagged, images = c["flagged"], c["images"]
+    print(f"label issues ({result.settings['folds']} folds of {args.preset}, out-of-fold accuracy "
+          f"{100 * c['out_of_fold_accuracy']:.2f} %): {flagged['train']:,} of {images['train']:,} training images, "
+          f"{flagged['test']:,} of {images['test']:,} test images")
+    if result.issues:
+        print(f"\n{'split':<6}{'index':>7}  {'given':<12} {'suggested':<12} {'confidence':>10}")
+        for r in result.issues[:args.show]:
+            print(f"{r['split']:<6}{r['index']:>7}  {r['given']:<12} {r['suggested']:<12} "
+                  f"{100 * r['confidence']:>9.1f}%")
+        if len(result.issues) > args.show:
+            print(f"... and {len(result.issues) - args.show:,} more in {paths['json']}")
+    pairs = c["near_duplicate_pairs"]
+    print(f"\nduplicates: {c['exact_duplicate_groups']} groups of byte-equal images; near duplicates (similarity "
+          f">= {audit.NEAR}): {pairs['within train']} pairs within train, {pairs['within test']} within test, "
+          f"{pairs['across']} across train and test; {c['near_duplicate_pairs_disagreeing']} of them disagree on "
+          "the label")
+    for d in [d for d in result.duplicates if not d["labels_agree"]][:args.show]:
+        a, b = d["images"][:2]
+        print(f"  {a['split']} {a['index']} ({a['label']})  ~  {b['split']} {b['index']} ({b['label']})  "
+              f"similarity {d['similarity']:.4f}")
+    if result.flip is not None:
+        f = result.flip
+        print(f"\nflipped {f['flipped']:,} training labels ({100 * f['fraction']:g} %): {f['found']:,} of them "
+              f"flagged, recall {100 * f['recall']:.1f} %; precision {100 * f['precision']:.1f} % "
+              f"({f['found']:,} of the {f['flagged_train']:,} training images flagged)")
+    print(f"\n{result.seconds:.0f} s; results: {paths['json']}; figures: "
+          + ", ".join(str(paths[k]) for k in ("label_issues", "label_issues_test", "duplicates_across")))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -724,6 +767,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "a request's line and headers within this time (default: 10)")
     s.set_defaults(func=cmd_serve)
 
+    a = sub.add_parser("audit", help="the data's own mistakes: likely label errors (confident learning on "
+                                     "out-of-fold probabilities) and duplicate images, in both files")
+    a.add_argument("--data-dir", help="directory with the four IDX files (default: search)")
+    a.add_argument("--folds", type=int, default=5, help="models trained, each judging the images it left out "
+                                                        "(default: %(default)s)")
+    a.add_argument("--preset", default="mlp-fast", help=f"what each fold trains: {', '.join(config_mod.presets())} "
+                                                        "(default: %(default)s)")
+    a.add_argument("--out-dir", "--out", default="audit", help="where audit.json, out_of_fold.npz and the figures "
+                                                               "go (default: %(default)s)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the folds, the models and the flips "
+                                                       "(default: %(default)s)")
+    a.add_argument("--flip", type=float, default=0.0, help="measure the detector: flip this fraction of a copy of "
+                   "the training labels (0.01: 1 %%) and report how many it finds (default: 0, off)")
+    a.add_argument("--show", type=int, default=20, help="label issues listed in the table (default: %(default)s)")
+    a.add_argument("--threads", type=int, default=0, help="CPU threads (default: 0, this machine's share)")
+    a.add_argument("--device", default="auto", choices=config_mod.DEVICES, help=device_help)
+    common(a)
+    a.set_defaults(func=cmd_audit)
+
     m = sub.add_parser("models", help="list the registered models, their defaults and the shipped presets")
     common(m, quiet=False)
     m.set_defaults(func=cmd_models)
@@ -794,7 +856,11 @@ def _preload(args: argparse.Namespace) -> None:
     if args.command == "serve":
         with contextlib.suppress(ImportError):  # cmd_serve says what is missing
             from . import serve  # noqa: F401
-    if args.command in ("plot", "compare-init", "tune", "explain") or getattr(args, "samples", None) or (
+    if args.command == "audit":
+        with contextlib.suppress(ImportError):  # audit.check says what is missing
+            import cleanlab.filter  # noqa: F401
+            import sklearn.neighbors  # noqa: F401
+    if args.command in ("plot", "compare-init", "tune", "explain", "audit") or getattr(args, "samples", None) or (
             args.command == "train" and getattr(args, "plots", True)):
         from . import plots  # noqa: F401 (matplotlib)
 

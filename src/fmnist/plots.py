@@ -8,7 +8,8 @@ Figures: curves.png (loss, accuracy, learning rate), samples.png (a row of
 training images per class), neuron_<k>.png and .gif (a tracked neuron's
 incoming weights at every epoch), neurons_atlas.png (every first-layer neuron
 at the last epoch), confusion_matrix.png, mistakes.png and reliability.png
-(test split); `explanation` draws fmnist explain's figure of one image.
+(test split); `explanation` draws fmnist explain's figure of one image, `gallery` fmnist audit's
+figures (label issues, duplicate pairs).
 Grids of many small pictures are tiled into one array and drawn with a single
 imshow: one axes per picture would make the atlas take seconds.
 """
@@ -232,6 +233,25 @@ def mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: Pa
                      fontsize=8, color="firebrick")
     fig.suptitle(f"The {len(wrong)} most confidently wrong test images (of {len(np.flatnonzero(pred != labels))} "
                  "mistakes)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def gallery(images: np.ndarray, captions: list[str], path: Path, title: str, cols: int = 8,
+            colors: list[str] | None = None) -> Path:
+    """Small images (N, 28, 28) uint8 with a caption under each, `cols` a row (an empty one says there are none):
+    the worst label issues of `fmnist audit` (given, suggested, confidence) or its duplicate pairs side by side."""
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.3 * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, (ax, im, text) in enumerate(zip(axes.flat, images, captions)):
+        ax.imshow(im, cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(text, fontsize=7, color=(colors or ["black"] * n)[k])
+    if n == 0:
+        axes.flat[0].text(0.5, 0.5, "none found", ha="center", va="center", transform=axes.flat[0].transAxes)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 

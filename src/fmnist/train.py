@@ -498,31 +498,72 @@ def _resume_state(run_dir: Path) -> tuple[dict, TrainConfig]:
     return state, cfg
 
 
-def build(cfg: TrainConfig, run_dir: Path, world: distributed.World, splits: data.Splits, device: torch.device,
-          teacher: nn.Module | None) -> Training:
-    """A new training's state: the initialised network, its optimiser, schedule, EMA and loaders."""
-    epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    bf16 = devices.use_bf16(cfg.precision, device)
+def new_model(cfg: TrainConfig, device: torch.device, world: distributed.World = distributed.World()) -> nn.Module:
+    """`cfg`'s network, initialised from `cfg.seed` as every training starts it, on `device` in its memory format."""
     torch.manual_seed(cfg.seed)
     model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
     if world.size > 1 and device.type == "cuda":  # batch statistics over all ranks' images (no CPU kernel)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = make_ema(cfg, model)
+    return model
+
+
+def train_loader(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 world: distributed.World = distributed.World()) -> data.BatchLoader:
+    """The shuffled, augmented loader that `cfg` trains on, over uint8 `images` (N, 28, 28) and `labels` (N,)."""
+    return data.BatchLoader(images, labels, cfg.batch_size, shuffle=True, augment=data.Augment(
+        cfg.flip, cfg.translate, cfg.erase, cfg.photo_aug), seed=cfg.seed, device=device,
+        max_batches=DRY_RUN_BATCHES if cfg.dry_run else None, rank=world.rank, world_size=world.size)
+
+
+def make_step(cfg: TrainConfig, model: nn.Module, batches: int, epochs: int, device: torch.device,
+              teacher: nn.Module | None = None, world: distributed.World = distributed.World()) -> tuple[Step, Any]:
+    """(the Step every batch takes, the learning-rate scheduler or None) for `model`, `batches` a epoch."""
+    opt = make_optimizer(cfg, model, device)
+    schedule, per_batch = make_schedule(cfg, opt, batches, epochs)
+    step = Step(opt, schedule if per_batch else None, make_ema(cfg, model), devices.use_bf16(cfg.precision, device),
+                cfg.label_smoothing, teacher, (cfg.distill_temperature, cfg.distill_weight), world)
+    return step, schedule
+
+
+def build(cfg: TrainConfig, run_dir: Path, world: distributed.World, splits: data.Splits, device: torch.device,
+          teacher: nn.Module | None) -> Training:
+    """A new training's state: the initialised network, its optimiser, schedule, EMA and loaders."""
+    epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
+    model = new_model(cfg, device, world)
+    loader = train_loader(cfg, *splits.train, device, world)
+    step, schedule = make_step(cfg, model, len(loader), epochs, device, teacher, world)
     wrapped = distributed.ddp(model) if world.size > 1 else model
     if cfg.compile:
         wrapped = _compiled(wrapped)
-    train_loader = data.BatchLoader(*splits.train, cfg.batch_size, shuffle=True, augment=data.Augment(
-        cfg.flip, cfg.translate, cfg.erase, cfg.photo_aug), seed=cfg.seed, device=device,
-        max_batches=DRY_RUN_BATCHES if cfg.dry_run else None, rank=world.rank, world_size=world.size)
-    opt = make_optimizer(cfg, model, device)
-    schedule, per_batch = make_schedule(cfg, opt, len(train_loader), epochs)
-    step = Step(opt, schedule if per_batch else None, ema, bf16, cfg.label_smoothing, teacher,
-                (cfg.distill_temperature, cfg.distill_weight), world)
     neurons = {k: [w] for k, w in zip(cfg.track_neurons, models.neuron_weights(model, cfg.track_neurons))}
-    return Training(cfg, run_dir, world, splits, model, wrapped, step, schedule, train_loader, epochs,
+    return Training(cfg, run_dir, world, splits, model, wrapped, step, schedule, loader, epochs,
                     echo=lambda s: None, progress=False, neurons=neurons)
+
+
+def train_arrays(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 progress: bool = False, desc: str = "") -> nn.Module:
+    """`cfg`'s model trained on uint8 `images` (N, 28, 28) and `labels` (N,) for its epochs, as `fit` trains it
+    (initialisation, loader, optimiser, schedule, EMA, precision, the same random draws per epoch), but in memory:
+    no run directory, no validation, no test. A plateau schedule steps on the training loss (there is no
+    validation split to watch). Returns the network in eval mode: the EMA average where `cfg` keeps one. For the
+    models that k-fold cross-validation trains (audit); distillation and torch.compile are not taken."""
+    if cfg.teacher or cfg.compile:
+        raise TrainError("training on given images takes no --teacher and no --compile.")
+    epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
+    model = new_model(cfg, device)
+    loader = train_loader(cfg, images, labels, device)
+    step, schedule = make_step(cfg, model, len(loader), epochs, device)
+    for epoch in range(1, epochs + 1):
+        torch.manual_seed(data.epoch_seed(cfg.seed, epoch))  # dropout draws: a function of (seed, epoch)
+        loader.set_epoch(epoch)
+        loss, _, _ = train_one_epoch(model, loader, step, progress, f"{desc}epoch {epoch}/{epochs}".strip())
+        if not math.isfinite(loss):
+            raise TrainError(f"training diverged at epoch {epoch} (loss is {loss}); try a lower --lr.")
+        if schedule is not None and step.schedule is None:
+            schedule.step(loss) if cfg.schedule == "plateau" else schedule.step()
+    return (step.ema.module if step.ema is not None else model).eval()
 
 
 def restore(t: Training, saved: dict | None) -> None:
