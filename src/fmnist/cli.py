@@ -774,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: %(default)s)")
     a.add_argument("--preset", default="mlp-fast", help=f"what each fold trains: {', '.join(config_mod.presets())} "
                                                         "(default: %(default)s)")
-    a.add_argument("--out-dir", "--out", default="audit", help="where audit.json, out_of_fold.npz and the figures "
+    a.add_argument("--out-dir", default="audit", help="where audit.json, out_of_fold.npz and the figures "
                                                                "go (default: %(default)s)")
     a.add_argument("--seed", type=int, default=0, help="seed of the folds, the models and the flips "
                                                        "(default: %(default)s)")
