@@ -307,6 +307,7 @@ class Served:
     parameters: int
     conv: bool  # the first layer is a convolution (its pictures are kernels)
     profiles: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # neuron -> /profile's answer
+    test_split: tuple[np.ndarray, np.ndarray] | None = None  # (images, labels) the profiles are taken on
 
     def profile(self, k: int) -> dict[str, Any]:
         """What first-layer neuron `k` responds to on the run's test split (evaluate.neuron_profile), computed
@@ -317,8 +318,10 @@ class Served:
 
             from . import data, evaluate, runs
 
-            directory = data.locate(runs.read_config(self.run_dir).data_dir or None)
-            images, labels = data.load_split(directory, "test")
+            if self.test_split is None:  # read once, on the first neuron asked for
+                directory = data.locate(runs.read_config(self.run_dir).data_dir or None)
+                self.test_split = data.load_split(directory, "test")
+            images, labels = self.test_split
             found = evaluate.neuron_profile(copy.deepcopy(self.predictor.model).cpu(), images, labels, k)
             self.profiles[k] = {
                 "neuron": k, "kind": "filter" if self.conv else "neuron", "classes": list(data.CLASSES),
