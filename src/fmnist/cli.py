@@ -116,13 +116,44 @@ def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = N
     for name, why in (refuse or {}).items():
         if name in flags:
             raise ConfigError(f"{args.command} does not take --{name.replace('_', '-')}: {why}.")
+    cfg = _layers(args, flags, fp32=False)
+    args.recipe = ""  # which of the preset's recipes the run takes ("" for a preset with one): summary.json
+    if args.preset is not None and config_mod.fp32_recipe(args.preset):
+        bf16 = _computes_bf16(cfg)
+        args.recipe = config_mod.recipe(args.preset, bf16)
+        if not bf16:  # the preset's fp32 table joins its layer: --config and flags still win over it
+            cfg = _layers(args, flags, fp32=True)
+    return cfg
+
+
+def _layers(args: argparse.Namespace, flags: dict[str, Any], fp32: bool) -> TrainConfig:
     cfg = TrainConfig()
     if args.preset is not None:
-        cfg = config_mod.preset(args.preset, cfg)
+        cfg = config_mod.preset(args.preset, cfg, fp32)
     if args.config is not None:
         cfg = config_mod.load(args.config, cfg)
         cfg = dataclasses.replace(cfg, name=unicodedata.normalize("NFC", cfg.name))
     return config_mod.from_dict(flags, cfg, where="flags").validate()
+
+
+def _recipe_words(name: str) -> str:
+    """What preset `name`'s fp32 recipe changes, in words: "fp32 recipe (no native bfloat16 here): epochs 10, ..."."""
+    changes = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                        for k, v in config_mod.fp32_recipe(name).items())
+    return f"fp32 recipe (no native bfloat16 here): {changes}"
+
+
+def _computes_bf16(cfg: TrainConfig) -> bool:
+    """Whether a run of `cfg` computes in bfloat16 on the device it will take (precision auto: where native)."""
+    from . import devices
+
+    return devices.use_bf16(cfg.precision, devices.pick_device(cfg.device))
+
+
+def _recipes_here() -> dict[str, str]:
+    """Preset -> the recipe a plain `fmnist train --preset NAME` takes on this machine, for presets with two."""
+    return {name: config_mod.recipe(name, _computes_bf16(config_mod.preset(name)))
+            for name in config_mod.presets() if config_mod.fp32_recipe(name)}
 
 
 def _echo(args: argparse.Namespace):
@@ -163,6 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   "lr-find first and give its rate with --lr.")
             del args.lr
         cfg = config_from_args(args)
+        if args.recipe == config_mod.FP32 and os.environ.get("RANK", "0") == "0":
+            _echo(args)(f"{args.preset}: {_recipe_words(args.preset)}")
         if auto and args.nproc not in (None, 1):
             raise ConfigError("--lr auto is not run on several processes (each would sweep alone): run fmnist "
                               "lr-find first and give its rate with --lr.")
@@ -174,7 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     run = train.fit(cfg, resume=args.resume, progress=_progress(args), echo=_echo(args),
-                    command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
+                    command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None),
+                    recipe=getattr(args, "recipe", ""))
     if not args.resume and found is not None:
         _keep_lr_find(run, found)
     s = run.summary
@@ -592,8 +626,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows.append({"model": name, "parameters": models.count_parameters(m),
                      "macs_per_image": models.macs_per_image(m), "defaults": models.defaults(name),
                      "track_neurons": models.default_track(name)})
+    from . import devices
+
+    recipes = _recipes_here()
     if args.json:
-        _print_json({"models": rows, "presets": config_mod.presets()})
+        _print_json({"models": rows, "presets": config_mod.presets(), "recipes": recipes,
+                     "instruction_set": devices.instruction_set(), "native_bf16": devices.native_bf16()})
         return 0
     for r in rows:
         settings = ", ".join(f"{k}={(','.join(map(str, v)) or 'none') if isinstance(v, (list, tuple)) else v}"
@@ -602,6 +640,10 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"/image  {settings}; "
               f"tracks neuron {','.join(map(str, r['track_neurons']))}")
     print("presets: " + ", ".join(config_mod.presets()))
+    native = "computes bfloat16 natively" if devices.native_bf16() else "has no native bfloat16"
+    for name, which in recipes.items():
+        words = _recipe_words(name) if which == config_mod.FP32 else "bf16 recipe (as its file says)"
+        print(f"{name} on this machine ({devices.instruction_set()}, {native}): the {words}")
     return 0
 
 
