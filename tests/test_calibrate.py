@@ -316,3 +316,27 @@ def test_a_model_exported_before_calibration_still_predicts(trained_run, tmp_pat
     assert scores is None and probs.shape == (4, 10)
     recs = p.predict(list(x))
     assert [(r["unsure"], r["ood_score"]) for r in recs] == [(False, None)] * 4
+
+
+@pytest.mark.parametrize("bar, kept", [(-1.0, True), (1.0, False)])  # a bar every run clears, and one none does
+def test_inference_keeps_test_time_augmentation_only_where_validation_says_it_pays(tiny_dir, tmp_path, monkeypatch,
+                                                                                   bar, kept):
+    from fmnist import train
+    from fmnist.config import TrainConfig
+
+    monkeypatch.setattr(calibrate, "TTA_GAIN", bar)
+    cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name="c", model="cnn", channels=[4, 8],
+                      tta=True, epochs=1, batch_size=64, val_size=100, plots=False, threads=1)
+    run = train.fit(cfg)
+    s = run.summary
+    assert s["inference_tta"] is kept and -1 <= s["tta_val_gain"] <= 1
+    assert ("test_accuracy_inference" in s) is not kept  # the test accuracy inference has, where it differs
+    p = predict.Predictor(run.dir)
+    x = _test_images(run.dir, 16)[0]
+    model, _, _ = runs.load_model(run.dir)
+    normalised = data.normalize(torch.from_numpy(x)[:, None])
+    with torch.no_grad():
+        logits = models.tta_logits(model, normalised) if kept else model(normalised)
+    want = (logits / s["temperature"]).softmax(1).numpy()
+    np.testing.assert_allclose(p.probabilities(x), want, atol=1e-5)
+    assert calibrate.Calibration.from_dict(runs.load_checkpoint(run.dir / "best.pt")["calibration"]).tta is kept

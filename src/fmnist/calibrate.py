@@ -57,6 +57,7 @@ VAL_KEPT = 0.95  # the share of real validation images the threshold keeps (not 
 SHRINKAGE = 1e-3  # ridge added to the shared covariance, as a share of its mean variance (dead ReLU units)
 TRAIN_FEATURES = 20_000  # training images at most whose features give the class means and covariance
 TAIL_POINTS = 1000  # quantiles of each part's validation scores the tails score keeps (12 kB for three parts)
+TTA_GAIN = 0.001  # of validation accuracy: what test-time augmentation must buy (0.1 point) for inference to pay for it
 VAL_OOD_PER_KIND = 200  # images of each kind in the validation OOD set, at most (a tenth of the validation split)
 
 
@@ -180,6 +181,9 @@ class Calibration:
     mahalanobis: dict[str, Mahalanobis] = field(default_factory=dict)  # tap -> statistics (what `method` needs)
     scale: dict[str, tuple[float, float]] = field(default_factory=dict)  # combined: part -> (centre, spread)
     tails: dict[str, torch.Tensor] = field(default_factory=dict)  # tails: part -> (K,) its validation quantiles
+    # whether inference averages the test-time augmentation's views (None: as the run was validated, its config's
+    # `tta`); False where they bought less than TTA_GAIN on validation. Everything above was fitted that way.
+    tta: bool | None = None
 
     def score(self, logits: torch.Tensor, taps: dict[str, torch.Tensor], method: str | None = None
               ) -> torch.Tensor:
@@ -210,7 +214,7 @@ class Calibration:
                 "mahalanobis": {k: {"whiten": v.whiten.contiguous(), "centres": v.centres.contiguous()}
                                 for k, v in self.mahalanobis.items()},
                 "scale": {k: [float(c), float(w)] for k, (c, w) in self.scale.items()},
-                "tails": {k: v.contiguous() for k, v in self.tails.items()}}
+                "tails": {k: v.contiguous() for k, v in self.tails.items()}, "tta": self.tta}
 
     @classmethod
     def from_dict(cls, d: object) -> Calibration:
@@ -251,11 +255,20 @@ class Calibration:
                         and bool(torch.isfinite(v).all()) and bool((v[1:] >= v[:-1]).all()) and v[-1] > v[len(v) // 2]):
                     raise ValueError(f"its validation scores of the {part} part are missing or damaged")
                 tails[part] = v.float()
-        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails)
+        tta = d.get("tta")
+        if tta is not None and not isinstance(tta, bool):
+            raise ValueError("its test-time augmentation setting is not true or false")
+        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails, tta)
 
     def summary(self) -> dict:
         """The figures a person reads (summary.json, export metadata): no tensors."""
-        return {"temperature": self.temperature, "ood_method": self.method, "ood_threshold": self.threshold}
+        return {"temperature": self.temperature, "ood_method": self.method, "ood_threshold": self.threshold,
+                **({"inference_tta": self.tta} if self.tta is not None else {})}
+
+    def uses_tta(self, trained_with: bool) -> bool:
+        """Whether inference averages the test-time augmentation's views, for a run whose config says
+        `trained_with`."""
+        return trained_with if self.tta is None else self.tta and trained_with
 
 
 def _number(v: object) -> bool:

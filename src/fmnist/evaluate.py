@@ -9,6 +9,7 @@ the report alike.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,14 @@ def every_score(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device:
 
 
 def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
-                    world: distributed.World = distributed.World(), small: bool = False
-                    ) -> tuple[calibrate.Calibration, dict[str, Any]]:
+                    world: distributed.World = distributed.World(), small: bool = False,
+                    val_accuracy: float | None = None) -> tuple[calibrate.Calibration, dict[str, Any]]:
     """The run's calibration, from the training and validation splits only (the test split is not touched).
+
+    First, for a run with test-time augmentation, whether inference keeps it: only where its views buy at least
+    calibrate.TTA_GAIN of validation accuracy over the plain image (`val_accuracy`: the model's validation
+    accuracy with them, as training measured it; else measured here); everything below is then fitted on the
+    outputs inference will give.
 
     The temperature on the validation logits; the Mahalanobis statistics of every tap on up to
     calibrate.TRAIN_FEATURES training images; each OOD score's threshold at calibrate.VAL_KEPT of the validation
@@ -153,6 +159,14 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     figures of the choice (for summary.json). `small`: a dry run's few images. Every rank takes part; all get the
     same result.
     """
+    tta, gain = cfg.tta, None
+    if cfg.tta:
+        val_split = splits.val if not small else tuple(s[:2048] for s in splits.val)
+        if val_accuracy is None:
+            val_accuracy = scores(model, cfg, val_split, device, world).accuracy
+        gain = val_accuracy - scores(model, dataclasses.replace(cfg, tta=False), val_split, device, world).accuracy
+        tta = gain >= calibrate.TTA_GAIN
+        cfg = dataclasses.replace(cfg, tta=tta)
     every, val = every_score(model, cfg, splits, device, world, small)
     temperature, stats = every.temperature, every.mahalanobis
     sets = calibrate.validation_ood(min(calibrate.VAL_OOD_PER_KIND, max(10, len(val.labels) // 10)), cfg.seed)
@@ -164,12 +178,14 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     method = max(calibrate.METHODS, key=lambda m: (caught[m], aurocs[m]))
     cal = calibrate.Calibration(temperature, method, thresholds[method],
                                 {t: stats[t] for t in calibrate.needs(method)},
-                                every.scale if method == "combined" else {}, every.tails if method == "tails" else {})
+                                every.scale if method == "combined" else {}, every.tails if method == "tails" else {},
+                                tta)
     figures = {
         "val_ece": calibrate.calibration_error(val.probabilities, val.labels),
         "val_ece_calibrated": calibrate.calibration_error((val.logits / temperature).softmax(1), val.labels),
         "ood_val_unsure": caught,  # the share of the validation OOD set each score marks unsure at its threshold
         "ood_val_auroc": aurocs,
+        **({"tta_val_gain": gain} if gain is not None else {}),  # validation accuracy the views buy
     }
     return cal, figures
 

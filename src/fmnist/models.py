@@ -267,7 +267,8 @@ class PixelClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, tta: bool = False, calibration: calibrate.Calibration | None = None):
         super().__init__()
-        self.model, self.tta = model, tta  # tta: as the run was validated and tested (its config's `tta`)
+        # tta: as the calibration says (Calibration.uses_tta): where validation found the views worth their cost
+        self.model, self.tta = model, tta
         cal = calibration or calibrate.Calibration()
         self.taps = calibrate.needs(cal.method)
         for tap in self.taps:  # the statistics as buffers: they follow .to(device) and are constants in an export

@@ -184,7 +184,7 @@ class Predictor:
 
         model, cfg, ckpt = runs.load_model(path)
         cal = runs.load_calibration(ckpt, path)
-        self._use_module(model, data.CLASSES, devices.pick_device(device), tta=cfg.tta, calibration=cal)
+        self._use_module(model, data.CLASSES, devices.pick_device(device), tta=cal.uses_tta(cfg.tta), calibration=cal)
         try:  # the statistics must fit the network's features (a best.pt put together by hand might not)
             self._run_torch(np.zeros((1, SIZE, SIZE), np.float32))
         except RuntimeError:
