@@ -18,13 +18,13 @@ preprocessing (`--preprocess auto`) as `fmnist predict` would see the file:
 and measures, against the raw 28x28 test split (the positives): AUROC and the
 false-positive rate at 95 % true-positive rate (FPR95: the share of a set
 accepted as products when 95 % of real test images are) for each score
-(calibrate.METHODS: max-softmax, energy, Mahalanobis, combined, tails,
-exposure), the share of each set marked unsure by `fmnist predict` (the run's
-own score and threshold, through Predictor), and the expected calibration
-error on the test split before and after the run's temperature. Only the
-scores' comparison is fitted here (the Mahalanobis statistics and the
-exposure detector, as the run fits them); the run's threshold was chosen on
-the validation split. Results: benchmarks/RESULTS.md, "Calibration and
+(calibrate.METHODS: max-softmax, energy, Mahalanobis, combined, tails), the
+share of each set marked unsure by `fmnist predict` (the run's own score and
+threshold, through Predictor), and
+the expected calibration error on the test split before and after the run's
+temperature. Only the scores' comparison is fitted here (the Mahalanobis
+statistics, as the run fits them); the run's threshold was chosen on the
+validation split. Results: benchmarks/RESULTS.md, "Calibration and
 out-of-distribution".
 """
 

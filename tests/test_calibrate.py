@@ -121,54 +121,6 @@ def test_a_combined_entry_written_before_the_tails_score_still_loads():
     assert cal.method == "combined" and cal.tails == {} and cal.scale["pixels"] == (700.0, 300.0)
 
 
-def test_the_exposure_detector_separates_what_it_is_shown_and_folds_in_its_standardisation():
-    g = torch.Generator().manual_seed(6)
-    scale = torch.tensor([1.0, 1000.0, 0.01, 1.0])  # inputs of any unit: standardised inside
-    real = torch.randn(2000, 4, generator=g) * scale
-    other = (torch.randn(300, 4, generator=g) + torch.tensor([0.0, 3.0, -3.0, 0.0])) * scale
-    state = torch.random.get_rng_state()
-    det = calibrate.fit_detector(real, other, hidden=8, steps=200, seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)  # the training's random state is left alone
-    fresh_real = torch.randn(1000, 4, generator=g) * scale
-    fresh_other = (torch.randn(1000, 4, generator=g) + torch.tensor([0.0, 3.0, -3.0, 0.0])) * scale
-    assert calibrate.auroc(det(fresh_real), det(fresh_other)) > 0.98
-    again = calibrate.fit_detector(real, other, hidden=8, steps=200, seed=0)
-    assert torch.equal(again(fresh_other), det(fresh_other))  # seeded
-
-
-def test_the_exposure_images_are_seeded_28x28_and_not_the_validation_ones():
-    a, b = calibrate.exposure_ood(4, 0), calibrate.exposure_ood(4, 1)
-    assert set(a) == {"strokes", "blobs", "noise", "gradients", "patches"}
-    assert all(v.shape == (4, 28, 28) and v.dtype == np.uint8 for v in a.values())
-    assert not np.array_equal(a["strokes"], b["strokes"])
-    calibrate.exposure_ood.cache_clear()
-    assert all(np.array_equal(v, calibrate.exposure_ood(4, 0)[k]) for k, v in a.items())
-    strokes = a["strokes"].astype(float)  # light on black, as preprocessing leaves a product
-    assert strokes[:, :, [0, -1]].mean() < strokes[:, 10:18, 10:18].mean()
-    shapes = calibrate.validation_ood(4, 0)["shapes"]
-    assert not any(np.array_equal(x, y) for x in shapes for y in a["strokes"])
-
-
-def test_an_exposure_calibration_round_trips_and_a_damaged_one_is_refused():
-    g = torch.Generator().manual_seed(7)
-    stats = {t: calibrate.fit_mahalanobis(torch.randn(300, 6, generator=g), torch.randint(0, 3, (300,), generator=g),
-                                          3) for t in calibrate.TAPS}
-    det = calibrate.Detector(torch.randn(9, 4, generator=g), torch.randn(4, generator=g), torch.randn(4, generator=g),
-                             torch.tensor(0.5))
-    entry = calibrate.Calibration(1.3, "exposure", 2.5, stats, detector=det).to_dict()
-    cal = calibrate.Calibration.from_dict(entry)
-    logits, taps = torch.randn(7, 3, generator=g), {t: torch.randn(7, 6, generator=g) for t in calibrate.TAPS}
-    energy, pixels, first = (calibrate.energy_score(logits), cal.mahalanobis_part("pixels", taps),
-                             cal.mahalanobis_part("first", taps))
-    x = torch.cat([taps["penultimate"], torch.stack([energy, pixels.log(), first.log()], 1)], 1)
-    torch.testing.assert_close(cal.score(logits, taps), torch.relu(x @ det.w1 + det.b1) @ det.w2 + det.b2)
-    for damage in ({"w1": det.w1[:5]}, {"b1": torch.full((4,), float("nan"))}, {"w2": det.w2[:2]}):
-        with pytest.raises(ValueError, match="detector"):
-            calibrate.Calibration.from_dict({**entry, "detector": {**entry["detector"], **damage}})
-    with pytest.raises(ValueError, match="detector"):
-        calibrate.Calibration.from_dict({**entry, "detector": None})
-
-
 @pytest.mark.parametrize("name, kw", [("mlp", {"hidden": [16, 8]}), ("cnn", {"channels": [4, 8]}),
                                       ("resnet", {"channels": [4, 8], "blocks": 1})])
 def test_taps_leave_the_logits_bit_identical(name, kw):
@@ -248,46 +200,30 @@ def test_the_exported_model_gives_the_predictor_s_calibrated_outputs(run):
         [exported.record(a, ood_score=b)["unsure"] for a, b in zip(q, t)]
 
 
-@pytest.mark.parametrize("method, fmt", [("exposure", "onnx"),
-                                         pytest.param("exposure", "torchscript", marks=pytest.mark.slow),
-                                         pytest.param("tails", "onnx", marks=pytest.mark.slow),
-                                         pytest.param("tails", "torchscript", marks=pytest.mark.slow)])
-def test_an_export_computes_the_tails_and_exposure_scores(run, tmp_path, method, fmt):
-    """The run's calibration replaced by one of `method` (fitted as training fits it): the export's check passes and
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_computes_the_tails_score(run, tmp_path, fmt):
+    """The run's calibration replaced by a tails one (fitted as training fits it): the export's check passes and
     its scores are PyTorch's."""
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
     from fmnist import export
 
-    other = tmp_path / method
-    shutil.copytree(run, other)
-    model, cfg, ckpt = runs.load_model(other)
+    tails = tmp_path / "tails"
+    shutil.copytree(run, tails)
+    model, cfg, ckpt = runs.load_model(tails)
     every, val = evaluate.every_score(model, cfg, evaluate.load_splits(cfg), torch.device("cpu"), small=True)
-    threshold = calibrate.threshold_for(every.score(val.logits, val.features, method))
-    cal = calibrate.Calibration(every.temperature, method, threshold,
-                                {t: every.mahalanobis[t] for t in calibrate.needs(method)}, {},
-                                every.tails if method == "tails" else {},
-                                every.detector if method == "exposure" else None)
-    runs.save_checkpoint({**ckpt, "calibration": cal.to_dict()}, other / "best.pt")
-    result = export.export(other, fmt)
+    threshold = calibrate.threshold_for(every.score(val.logits, val.features, "tails"))
+    cal = calibrate.Calibration(every.temperature, "tails", threshold,
+                                {t: every.mahalanobis[t] for t in calibrate.needs("tails")}, {}, every.tails)
+    runs.save_checkpoint({**ckpt, "calibration": cal.to_dict()}, tails / "best.pt")
+    result = export.export(tails, fmt)
     assert result["check"]["max_score_difference"] <= export.CHECK_TOLERANCE
-    x, _ = _test_images(other)
-    (p, s), (q, t) = predict.Predictor(other).outputs(x), predict.Predictor(result["path"]).outputs(x)
+    x, _ = _test_images(tails)
+    (p, s), (q, t) = predict.Predictor(tails).outputs(x), predict.Predictor(result["path"]).outputs(x)
     np.testing.assert_allclose(q, p, atol=1e-5)
     np.testing.assert_allclose(t, s, rtol=1e-4, atol=1e-4)
     assert len(np.unique(s)) > len(s) // 2  # a real spread of scores, not one constant
-
-
-def test_the_exposure_detector_scores_pen_strokes_above_real_validation_images(run):
-    """Fitted as training fits it (on the tiny run's training images): drawn strokes it never saw score above
-    nearly all real validation images, and so do the validation non-products (other kinds than it was shown)."""
-    model, cfg, _ = runs.load_model(run)
-    every, val = evaluate.every_score(model, cfg, evaluate.load_splits(cfg), torch.device("cpu"), small=True)
-    real = every.score(val.logits, val.features, "exposure")
-    for images in (calibrate.exposure_ood(20, cfg.seed + 100)["strokes"],
-                   np.concatenate(list(calibrate.validation_ood(20, cfg.seed).values()))):
-        s = evaluate.scores(model, cfg, evaluate.unlabelled(images), torch.device("cpu"), features=True)
-        assert calibrate.auroc(real, every.score(s.logits, s.features, "exposure")) > 0.9
 
 
 def _with_threshold(run: Path, threshold: float) -> None:

@@ -35,15 +35,7 @@ score is above the threshold:
   over it in its spread, highest - median, is added); the largest counts. An
   image is then unsure when one part is rarer than a share that the threshold
   sets, whatever the shape of each part's tail, where the median and 95th
-  percentile of "combined" assume the tails alike;
-- exposure: a small detector (one hidden layer) that tells training images
-  from non-products this module draws itself (`exposure_ood`: pen strokes,
-  blobs, noise, gradients, noise textures; none of the kinds of
-  `validation_ood`, drawn from another random stream), fitted at the end of
-  training like the temperature (outlier exposure, after Hendrycks et al.
-  2019, but outside the classifier: its weights are left alone). It reads the
-  penultimate features and the three parts of "combined" (the energy and the
-  logs of the two distances): its logit is the score.
+  percentile of "combined" assume the tails alike.
 
 pytorch-ood has these scores, but it needs torchvision; they are a few lines
 each, written here. The calibration error and AUROC come from torchmetrics.
@@ -60,16 +52,12 @@ import numpy as np
 import torch
 
 BINS = 15  # bins of the expected calibration error and the reliability diagram
-METHODS = ("msp", "energy", "mahalanobis", "combined", "tails", "exposure")
+METHODS = ("msp", "energy", "mahalanobis", "combined", "tails")
 VAL_KEPT = 0.95  # the share of real validation images the threshold keeps (not unsure)
 SHRINKAGE = 1e-3  # ridge added to the shared covariance, as a share of its mean variance (dead ReLU units)
 TRAIN_FEATURES = 20_000  # training images at most whose features give the class means and covariance
 TAIL_POINTS = 1000  # quantiles of each part's validation scores the tails score keeps (12 kB for three parts)
 VAL_OOD_PER_KIND = 200  # images of each kind in the validation OOD set, at most (a tenth of the validation split)
-EXPOSURE_PER_KIND = 300  # images of each kind the exposure detector is fitted on (1,500: about 3 s to draw, 1 core)
-EXPOSURE_REAL = 5000  # training images (of TRAIN_FEATURES' draw) it is fitted on against them
-EXPOSURE_HIDDEN = 32  # the exposure detector's hidden units
-EXPOSURE_STEPS = 300  # full-batch Adam steps that fit it (learning rate 3e-3, weight decay 1e-4)
 
 
 # ---------------------------------------------------------------- temperature and calibration error
@@ -173,58 +161,9 @@ COMBINED = ("energy", "pixels", "first")  # the combined score's parts: the ener
 
 
 def needs(method: str) -> tuple[str, ...]:
-    """The taps whose Mahalanobis statistics `method` uses (exposure: those of its parts, and it reads the
-    penultimate features themselves)."""
+    """The taps whose Mahalanobis statistics `method` uses."""
     combined = ("pixels", "first")
-    return {"mahalanobis": ("penultimate",), "combined": combined, "tails": combined, "exposure": TAPS}.get(method, ())
-
-
-@dataclass
-class Detector:
-    """The exposure score: a one-hidden-layer network, logit = relu(x @ w1 + b1) @ w2 + b2, on x = (the
-    penultimate features, energy, log pixel distance, log first-layer distance) (N, D + 3). The standardisation of
-    its inputs (training images' mean and spread) is folded into w1 (D + 3, H) and b1 (H,); w2 (H,), b2 ()."""
-
-    w1: torch.Tensor
-    b1: torch.Tensor
-    w2: torch.Tensor
-    b2: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x.float() @ self.w1 + self.b1) @ self.w2 + self.b2
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).contiguous() for k in ("w1", "b1", "w2", "b2")}
-
-
-def fit_detector(real: torch.Tensor, other: torch.Tensor, hidden: int = EXPOSURE_HIDDEN,
-                 steps: int = EXPOSURE_STEPS, seed: int = 0) -> Detector:
-    """A Detector that tells `other` (N1, D) (non-products, positive) from `real` (N0, D) (training images): binary
-    cross-entropy with each side weighing half, full-batch Adam, initial weights from `seed` (the global random
-    state is left alone). Inputs are standardised on `real` first, and the standardisation folded in."""
-    real, other = real.detach().float().cpu(), other.detach().float().cpu()
-    mu, sd = real.mean(0), real.std(0).clamp(min=1e-3)
-    z = (torch.cat([real, other]) - mu) / sd
-    target = torch.cat([torch.zeros(len(real)), torch.ones(len(other))])
-    weight = torch.cat([torch.full((len(real),), 0.5 / len(real)), torch.full((len(other),), 0.5 / len(other))])
-    g = torch.Generator().manual_seed(seed)
-    bound = 1 / math.sqrt(z.shape[1])  # nn.Linear's initial range
-    w1 = ((torch.rand(z.shape[1], hidden, generator=g) * 2 - 1) * bound).requires_grad_()
-    b1 = ((torch.rand(hidden, generator=g) * 2 - 1) * bound).requires_grad_()
-    w2 = ((torch.rand(hidden, generator=g) * 2 - 1) / math.sqrt(hidden)).requires_grad_()
-    b2 = torch.zeros(()).requires_grad_()
-    opt = torch.optim.Adam([w1, b1, w2, b2], lr=3e-3, weight_decay=1e-4)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad()
-            logit = torch.relu(z @ w1 + b1) @ w2 + b2
-            loss = (torch.nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
-                    * weight).sum()
-            loss.backward()
-            opt.step()
-    w1, b1 = w1.detach(), b1.detach()
-    return Detector((w1 / sd[:, None]).contiguous(), (b1 - (mu / sd) @ w1).contiguous(), w2.detach().contiguous(),
-                    b2.detach().clone())
+    return {"mahalanobis": ("penultimate",), "combined": combined, "tails": combined}.get(method, ())
 
 
 @dataclass
@@ -241,7 +180,6 @@ class Calibration:
     mahalanobis: dict[str, Mahalanobis] = field(default_factory=dict)  # tap -> statistics (what `method` needs)
     scale: dict[str, tuple[float, float]] = field(default_factory=dict)  # combined: part -> (centre, spread)
     tails: dict[str, torch.Tensor] = field(default_factory=dict)  # tails: part -> (K,) its validation quantiles
-    detector: Detector | None = None  # exposure: the fitted detector
 
     def score(self, logits: torch.Tensor, taps: dict[str, torch.Tensor], method: str | None = None
               ) -> torch.Tensor:
@@ -257,20 +195,10 @@ class Calibration:
         if method == "mahalanobis":
             return self.mahalanobis_part("penultimate", taps)
         parts = [(energy_score(logits) if part == "energy" else self.mahalanobis_part(part, taps)) for part in COMBINED]
-        if method == "exposure":
-            return self.detector(self.detector_inputs(parts, taps))
         if method == "tails":  # each part as its rarity among the validation images, the largest counts
             return torch.stack([tail_score(p, self.tails[k]) for k, p in zip(COMBINED, parts)]).amax(0)
         # combined: each part as a multiple of its spread on the validation split, the largest counts
         return torch.stack([(p - self.scale[k][0]) / self.scale[k][1] for k, p in zip(COMBINED, parts)]).amax(0)
-
-    @staticmethod
-    def detector_inputs(parts: list[torch.Tensor], taps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N, D + 3) what the exposure detector reads: the penultimate features, the energy and the logs of the
-        two distances (COMBINED's parts, in that order; a distance spans decades, its log does not)."""
-        energy, pixels, first = parts
-        return torch.cat([taps["penultimate"].float(), torch.stack(
-            [energy, pixels.clamp(min=1e-6).log(), first.clamp(min=1e-6).log()], 1)], 1)
 
     def mahalanobis_part(self, tap: str, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         stats = self.mahalanobis[tap]
@@ -282,8 +210,7 @@ class Calibration:
                 "mahalanobis": {k: {"whiten": v.whiten.contiguous(), "centres": v.centres.contiguous()}
                                 for k, v in self.mahalanobis.items()},
                 "scale": {k: [float(c), float(w)] for k, (c, w) in self.scale.items()},
-                "tails": {k: v.contiguous() for k, v in self.tails.items()},
-                "detector": None if self.detector is None else self.detector.to_dict()}
+                "tails": {k: v.contiguous() for k, v in self.tails.items()}}
 
     @classmethod
     def from_dict(cls, d: object) -> Calibration:
@@ -324,16 +251,7 @@ class Calibration:
                         and bool(torch.isfinite(v).all()) and bool((v[1:] >= v[:-1]).all()) and v[-1] > v[len(v) // 2]):
                     raise ValueError(f"its validation scores of the {part} part are missing or damaged")
                 tails[part] = v.float()
-        detector = None
-        if method == "exposure":
-            v = d.get("detector")
-            w = [v.get(k) for k in ("w1", "b1", "w2", "b2")] if isinstance(v, dict) else [None] * 4
-            if not (all(isinstance(a, torch.Tensor) and a.is_floating_point() and bool(torch.isfinite(a).all())
-                        for a in w) and w[0].ndim == 2 and w[1].shape == w[2].shape == (w[0].shape[1],)
-                    and w[3].ndim == 0 and w[0].shape[0] == stats["penultimate"].whiten.shape[0] + 3):
-                raise ValueError("its out-of-distribution detector is missing or damaged")
-            detector = Detector(*(a.float() for a in w))
-        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails, detector)
+        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails)
 
     def summary(self) -> dict:
         """The figures a person reads (summary.json, export metadata): no tensors."""
@@ -451,98 +369,3 @@ def validation_ood(per_kind: int = VAL_OOD_PER_KIND, seed: int = 0) -> dict[str,
 
     return {name: np.stack([prepare(make())[0] for _ in range(per_kind)])
             for name, make in (("shapes", shapes), ("textures", textures), ("stripes", stripes))}
-
-
-@functools.lru_cache(maxsize=4)  # the same for every run of a seed: drawn once per process
-def exposure_ood(per_kind: int = EXPOSURE_PER_KIND, seed: int = 0) -> dict[str, np.ndarray]:
-    """Non-products the exposure detector is fitted on, as `fmnist predict` would see them: kind -> (N, 28, 28)
-    uint8.
-
-    Other kinds than `validation_ood`'s, from another random stream, so that choosing among the scores there
-    still measures how a score does on kinds it has not seen: "strokes" (1-3 pen strokes, Bezier curves or
-    polylines of random width: dark ink on paper, or light on black at thumbnail size, some enlarged blurred),
-    "blobs" (one smooth filled shape, a thresholded blurred noise field), "noise" (uniform, Gaussian,
-    salt-and-pepper or blurred and stretched; grey or colour), "gradients" (linear or radial, a little noise) and
-    "patches" (1/f^b noise textures, from smooth to grainy). Nothing is downloaded, no font or dataset is used.
-    The arrays are shared between callers (cached): do not change them.
-    """
-    import cv2
-    from PIL import Image, ImageDraw
-
-    from .preprocess import prepare
-
-    rng = np.random.default_rng((seed, 1))  # validation_ood draws from default_rng(seed): a different stream
-
-    def point(side: int) -> tuple[float, float]:
-        x, y = rng.uniform(0.1 * side, 0.9 * side, 2)
-        return float(x), float(y)
-
-    def curve(side: int) -> list[tuple[float, float]]:  # a cubic Bezier curve through 24 points
-        p = np.array([point(side) for _ in range(4)])
-        t = np.linspace(0, 1, 24)[:, None]
-        c = (1 - t) ** 3 * p[0] + 3 * (1 - t) ** 2 * t * p[1] + 3 * (1 - t) * t ** 2 * p[2] + t ** 3 * p[3]
-        return [(float(x), float(y)) for x, y in c]
-
-    def strokes() -> Image.Image:
-        small = rng.random() < 0.5  # light on black at thumbnail size (the dataset path), or ink on paper (photo)
-        side = int(rng.integers(8, 29)) if small else int(rng.integers(40, 160))
-        paper, ink = (0, int(rng.integers(150, 256))) if small else (int(rng.integers(200, 256)),
-                                                                    int(rng.integers(0, 90)))
-        im = Image.new("L", (side, side), paper)
-        draw = ImageDraw.Draw(im)
-        width = max(1, int(side * rng.uniform(0.04, 0.15)))
-        for _ in range(int(rng.integers(1, 4))):
-            line = curve(side) if rng.random() < 0.6 else [point(side) for _ in range(int(rng.integers(2, 6)))]
-            draw.line(line, fill=ink, width=width, joint="curve")
-        return im.resize((28, 28), Image.Resampling.BICUBIC) if small and rng.random() < 0.5 else im
-
-    def blobs() -> Image.Image:
-        side = int(rng.integers(28, 120))
-        f = cv2.GaussianBlur(rng.standard_normal((side, side)), (0, 0), side * rng.uniform(0.05, 0.2))
-        yy, xx = np.mgrid[0:side, 0:side] / side - 0.5
-        f = f / max(f.std(), 1e-9) - 4 * (xx ** 2 + yy ** 2) * rng.uniform(1, 6)  # a bowl keeps it off the edges
-        mask = f > np.quantile(f, rng.uniform(0.6, 0.9))
-        back, fill = (0, int(rng.integers(120, 256))) if rng.random() < 0.5 else (int(rng.integers(200, 256)),
-                                                                                  int(rng.integers(0, 150)))
-        return Image.fromarray(np.where(mask, fill, back).astype(np.uint8))
-
-    def noise() -> Image.Image:
-        side = int(rng.integers(28, 160))
-        shape = (side, side, 3) if rng.random() < 0.5 else (side, side)
-        kind = rng.integers(4)
-        if kind == 0:
-            a = rng.uniform(0, 256, shape)
-        elif kind == 1:
-            a = rng.normal(rng.uniform(30, 220), rng.uniform(5, 80), shape)
-        elif kind == 2:
-            a = np.where(rng.random(shape) < rng.uniform(0.05, 0.5), 255.0, rng.uniform(0, 120))
-        else:
-            a = cv2.GaussianBlur(rng.uniform(0, 256, shape), (0, 0), rng.uniform(0.7, 3))
-            a = (a - a.mean()) * rng.uniform(2, 8) + rng.uniform(60, 200)
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-
-    def gradients() -> Image.Image:
-        side = int(rng.integers(28, 160))
-        yy, xx = np.mgrid[0:side, 0:side] / side
-        if rng.random() < 0.5:
-            angle = rng.uniform(0, 2 * np.pi)
-            g = xx * np.cos(angle) + yy * np.sin(angle)
-        else:
-            cy, cx = rng.uniform(0, 1, 2)
-            g = np.hypot(xx - cx, yy - cy)
-        g = (g - g.min()) / max(np.ptp(g), 1e-9)
-        lo, hi = sorted(rng.uniform(0, 255, 2))
-        return Image.fromarray(np.clip(lo + (hi - lo) * g + rng.normal(0, rng.uniform(0, 10), g.shape), 0, 255)
-                               .astype(np.uint8))
-
-    def patches() -> Image.Image:
-        side = int(rng.integers(28, 160))
-        fy, fx = np.meshgrid(np.fft.fftfreq(side), np.fft.fftfreq(side), indexing="ij")
-        amplitude = 1 / np.maximum(np.hypot(fx, fy), 1 / side) ** rng.uniform(0.5, 2.5)  # 1/f^b, b 0.5 to 2.5
-        f = np.fft.ifft2(amplitude * np.exp(2j * np.pi * rng.random((side, side)))).real
-        f = (f - f.mean()) / max(f.std(), 1e-9)
-        return Image.fromarray(np.clip(f * rng.uniform(20, 70) + rng.uniform(60, 200), 0, 255).astype(np.uint8))
-
-    kinds = (("strokes", strokes), ("blobs", blobs), ("noise", noise), ("gradients", gradients),
-             ("patches", patches))
-    return {name: np.stack([prepare(make())[0] for _ in range(per_kind)]) for name, make in kinds}

@@ -107,18 +107,15 @@ def unlabelled(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.zeros(len(x), dtype=torch.long)
 
 
-def training_features(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
-                      world: distributed.World = distributed.World(), small: bool = False) -> Scores:
-    """Scores with features of up to calibrate.TRAIN_FEATURES training images (a seeded draw that leaves the global
-    random state alone; 2,048 when `small`): what the Mahalanobis statistics and the exposure detector learn from."""
+def mahalanobis_stats(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
+                      world: distributed.World = distributed.World(), small: bool = False
+                      ) -> dict[str, calibrate.Mahalanobis]:
+    """Tap -> class means and shared covariance of its features on up to calibrate.TRAIN_FEATURES training images
+    (a seeded draw that leaves the global random state alone; 2,048 when `small`)."""
     x, y = splits.train
     take = min(len(y), 2048 if small else calibrate.TRAIN_FEATURES)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[:take]
-    return scores(model, cfg, (x[pick], y[pick]), device, world, features=True)
-
-
-def mahalanobis_stats(train: Scores) -> dict[str, calibrate.Mahalanobis]:
-    """Tap -> class means and shared covariance of the features of training images `train` (training_features)."""
+    train = scores(model, cfg, (x[pick], y[pick]), device, world, features=True)
     return {tap: calibrate.fit_mahalanobis(f, train.labels, train.logits.shape[1]) for tap, f in train.features.items()}
 
 
@@ -132,27 +129,15 @@ def every_score(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device:
                 ) -> tuple[calibrate.Calibration, Scores]:
     """A Calibration that can compute every OOD score (no method chosen, no threshold), and the validation split's
     Scores with features it was fitted on: the temperature on the validation logits, the Mahalanobis statistics of
-    every tap on training images, the combined score's scales and the tails score's tables on validation, and the
-    exposure detector on those training images against calibrate.exposure_ood (30 per kind when `small`)."""
+    every tap on training images, the combined score's scales and the tails score's tables on validation."""
     val = scores(model, cfg, splits.val if not small else tuple(s[:2048] for s in splits.val), device, world,
                  features=True)
-    train = training_features(model, cfg, splits, device, world, small)
     every = calibrate.Calibration(calibrate.fit_temperature(val.logits, val.labels),
-                                  mahalanobis=mahalanobis_stats(train))
+                                  mahalanobis=mahalanobis_stats(model, cfg, splits, device, world, small))
     parts = {p: calibrate.energy_score(val.logits) if p == "energy" else every.mahalanobis_part(p, val.features)
              for p in calibrate.COMBINED}
     every.scale = {p: calibrate.fit_scale(v) for p, v in parts.items()}
     every.tails = {p: calibrate.fit_tail(v) for p, v in parts.items()}
-    exposure = calibrate.exposure_ood(30 if small else calibrate.EXPOSURE_PER_KIND, cfg.seed)
-    other = scores(model, cfg, unlabelled(np.concatenate(list(exposure.values()))), device, world, features=True)
-
-    def inputs(s: Scores, n: int | None = None) -> torch.Tensor:  # the detector's inputs of s's first n images
-        logits, feats = s.logits[:n], {k: v[:n] for k, v in s.features.items()}
-        return every.detector_inputs([calibrate.energy_score(logits) if p == "energy"
-                                      else every.mahalanobis_part(p, feats) for p in calibrate.COMBINED], feats)
-
-    # every rank fits the same detector: the same inputs (gathered), the same seed, one thread's arithmetic aside
-    every.detector = calibrate.fit_detector(inputs(train, calibrate.EXPOSURE_REAL), inputs(other), seed=cfg.seed)
     return every, val
 
 
@@ -179,8 +164,7 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     method = max(calibrate.METHODS, key=lambda m: (caught[m], aurocs[m]))
     cal = calibrate.Calibration(temperature, method, thresholds[method],
                                 {t: stats[t] for t in calibrate.needs(method)},
-                                every.scale if method == "combined" else {}, every.tails if method == "tails" else {},
-                                every.detector if method == "exposure" else None)
+                                every.scale if method == "combined" else {}, every.tails if method == "tails" else {})
     figures = {
         "val_ece": calibrate.calibration_error(val.probabilities, val.labels),
         "val_ece_calibrated": calibrate.calibration_error((val.logits / temperature).softmax(1), val.labels),

@@ -276,11 +276,7 @@ class PixelClassifier(nn.Module):
         self.tail_parts = tuple(cal.tails)  # the tails score's validation scores of each part, likewise
         for part in self.tail_parts:
             self.register_buffer(f"tail_{part}", cal.tails[part].clone())
-        self.detected = cal.detector is not None  # the exposure score's detector, likewise
-        for k, v in (cal.detector.to_dict().items() if cal.detector is not None else ()):
-            self.register_buffer(f"detector_{k}", v.clone())
-        # the rest as plain values: temperature, method, threshold, scales
-        self.calibration = dataclasses.replace(cal, mahalanobis={}, tails={}, detector=None)
+        self.calibration = dataclasses.replace(cal, mahalanobis={}, tails={})  # temperature, method, threshold, scales
 
     @staticmethod
     def normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -305,9 +301,7 @@ class PixelClassifier(nn.Module):
         logits = logits.float()
         cal = dataclasses.replace(self.calibration, mahalanobis={
             tap: calibrate.Mahalanobis(getattr(self, f"whiten_{tap}"), getattr(self, f"centres_{tap}"))
-            for tap in self.taps}, tails={part: getattr(self, f"tail_{part}") for part in self.tail_parts},
-            detector=calibrate.Detector(*(getattr(self, f"detector_{k}") for k in ("w1", "b1", "w2", "b2")))
-            if self.detected else None)
+            for tap in self.taps}, tails={part: getattr(self, f"tail_{part}") for part in self.tail_parts})
         t = cal.temperature
         return torch.softmax(logits / t if t != 1.0 else logits, dim=1), cal.score(logits, taps)
 
