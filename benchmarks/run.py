@@ -88,6 +88,8 @@ def preset_runs(name: str, seeds: list[int], out: Path, teacher: Path | None, da
     runs_ = []
     for seed in seeds:
         cfg = config.preset(name)
+        bf16 = devices.use_bf16(cfg.precision, devices.pick_device(cfg.device))
+        cfg = config.preset(name, fp32=not bf16)  # the recipe `fmnist train --preset` takes here
         cfg = config.from_dict({"seed": seed, "out_dir": str(out), "name": f"{name}-s{seed}", "plots": False}, cfg)
         if cfg.teacher and teacher is not None:
             cfg = config.from_dict({"teacher": str(teacher)}, cfg)
@@ -96,11 +98,13 @@ def preset_runs(name: str, seeds: list[int], out: Path, teacher: Path | None, da
         def record(row: dict, t0: float = time.perf_counter(), curve: list = curve) -> None:
             curve.append((time.perf_counter() - t0, row["val_acc"]))
 
-        run = train.fit(cfg, data_dir=data_dir, echo=lambda s: None, on_epoch=record)
+        run = train.fit(cfg, data_dir=data_dir, echo=lambda s: None, on_epoch=record,
+                        recipe=config.recipe(name, bf16))
         s = run.summary
         print(f"  {name} seed {seed}: test {s['test_accuracy']:.4f}  val {s['best_val_accuracy']:.4f}  "
               f"wall {s['wall_seconds']:.1f} s", flush=True)
-        runs_.append({"seed": seed, "dir": str(run.dir), "curve": curve, **{k: s[k] for k in (
+        runs_.append({"seed": seed, "dir": str(run.dir), "curve": curve, "recipe": s.get("recipe", ""),
+                      **{k: s[k] for k in (
             "test_accuracy", "best_val_accuracy", "best_epoch", "epochs", "wall_seconds", "parameters",
             "macs_per_image")}})
     return {"name": name, "runs": runs_}
@@ -162,25 +166,31 @@ def first_at(curve: list, target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
 
-def plot(systems: list[dict], target: float, path: Path) -> None:
+def plot(systems: list[dict], target: float, path: Path, others: list[dict] = ()) -> None:
+    """The race's curves on this machine (solid; dashed: tutorial pipelines) and, faded, those of `others`
+    (results.json of other machines: another instruction set), each labelled with its instruction set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for s in systems:
-        t, acc = zip(*s["curve"])
-        ax.plot(t, [100 * a for a in acc], marker="o", ms=3, lw=1.5, ls="--" if s["tutorial"] else "-",
-                label=s["label"])
+    colours = {}
+    for faded, group, where in [(False, systems, "")] + [(True, o["systems"], o["machine"]) for o in others]:
+        for s in group:
+            t, acc = zip(*s["curve"])
+            colour = colours.setdefault(s["key"], f"C{len(colours)}")
+            ax.plot(t, [100 * a for a in acc], marker="o", ms=3 if not faded else 2, lw=1.5 if not faded else 1,
+                    ls="--" if s["tutorial"] else "-", color=colour, alpha=0.4 if faded else 1.0,
+                    label=f"{s['label']} [{s.get('isa') or where}]")
     ax.axhline(100 * target, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_ylim(84, 95)
     ax.set_xlabel("wall seconds since the start of training (log scale)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Time to accuracy, one process on this machine (dashed: tutorial pipelines)")
+    ax.set_title("Time to accuracy, one process (dashed: tutorial pipelines; faded: another CPU)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7 if others else 8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -219,7 +229,8 @@ def report(res: dict, target: float, block: str) -> str:
     for p in res["presets"]:
         r = p["runs"]
         per_seed = ", ".join(f"{100 * x['test_accuracy']:.2f}" for x in r)
-        lines.append(f"| {p['name']} | {len(r)} | {pct([x['test_accuracy'] for x in r])} | {per_seed} | "
+        recipe = f" ({r[0]['recipe']} recipe)" if r[0].get("recipe") else ""
+        lines.append(f"| {p['name']}{recipe} | {len(r)} | {pct([x['test_accuracy'] for x in r])} | {per_seed} | "
                      f"{pct([x['best_val_accuracy'] for x in r])} | "
                      f"{min(x['wall_seconds'] for x in r):.0f}-{max(x['wall_seconds'] for x in r):.0f} | "
                      f"{r[0]['parameters']:,} | {r[0]['macs_per_image'] / 1e6:.2f}M |")
@@ -251,11 +262,14 @@ def main() -> int:
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where RESULTS.md etc. go")
     p.add_argument("--keep-runs", metavar="DIR", help="train the presets' runs into DIR (default: a temp dir)")
+    p.add_argument("--compare", action="append", default=[], metavar="RESULTS.json",
+                   help="also draw this results file's race (another machine's: its instruction set is named)")
     p.add_argument("--block", default="race", help="the name of RESULTS.md's part to write, and the suffix of "
                                                    "the figure and JSON file of any other name (default: race)")
     args = p.parse_args()
     presets = [s for s in args.presets.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",")]
+    isa = devices.instruction_set()
     torch.set_num_threads(devices.cores())
     torch.set_flush_denormal(True)
     splits = data.load(args.data_dir)
@@ -271,7 +285,7 @@ def main() -> int:
             tutorial("tutorial-style CNN", tut.TutorialCNN(), splits, args.tutorial_epochs, args.target)]
     for key, t in zip(("tutorial-mlp", "tutorial-cnn"), tuts):
         res["systems"].append({"key": key, "label": f"{t['name']} (batch 64, per-sample DataLoader)",
-                               "tutorial": True, "curve": t["curve"]})
+                               "tutorial": True, "curve": t["curve"], "isa": isa})
         res["inference"][t["name"]] = inference(bare(t["model"]))
     partial.write_text(public(res))
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,7 +295,7 @@ def main() -> int:
             pr = preset_runs(name, seeds, out, teacher, args.data_dir)
             res["presets"].append(pr)
             first = pr["runs"][0]
-            res["systems"].append({"key": name, "label": f"fmnist --preset {name}", "tutorial": False,
+            res["systems"].append({"key": name, "label": f"fmnist --preset {name}", "tutorial": False, "isa": isa,
                                    "curve": first["curve"]})
             res["inference"][f"fmnist {name}"] = inference(Predictor(first["dir"]).probabilities)
             if name == "cnn-fast":
@@ -292,7 +306,8 @@ def main() -> int:
     for name in ("mlp-fast", "cnn-fast"):
         if name in config.presets():
             res["gflops"].append(step_gflops(name))
-    plot(res["systems"], args.target, outdir / f"time_to_accuracy{suffix}.png")
+    plot(res["systems"], args.target, outdir / f"time_to_accuracy{suffix}.png",
+         [json.loads(Path(f).read_text()) for f in args.compare])
     partial.write_text(public(res))
     block = report(res, args.target, args.block)
     md = outdir / "RESULTS.md"

@@ -32,3 +32,16 @@ def test_instruction_set_reads_the_flags(monkeypatch, tmp_path):
         monkeypatch.setattr(devices, "Path", lambda p, fake=fake: fake if str(p) == "/proc/cpuinfo" else Path(p))
         monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
         assert devices.instruction_set() == isa
+
+
+def test_a_cpu_held_to_narrower_kernels_says_both(monkeypatch, tmp_path):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor : 0\nflags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    monkeypatch.setattr(devices, "Path", lambda p: fake if str(p) == "/proc/cpuinfo" else Path(p))
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert devices.instruction_set() == "AVX2 (ONEDNN_MAX_CPU_ISA; the CPU has AMX)"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")  # no lower than the CPU: the CPU's own
+    assert devices.instruction_set() == "AMX"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert devices.instruction_set() == "AMX"

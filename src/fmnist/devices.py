@@ -45,7 +45,22 @@ def native_bf16() -> bool:
 def instruction_set() -> str:
     """The widest vector instructions this CPU offers for the arithmetic of training, in words: "AMX",
     "AVX-512 BF16", "AVX-512", "AVX2", "NEON" or "no AVX2": the CPU's flags where Linux lists them, else
-    torch's own probe (`torch.backends.cpu.get_cpu_capability`). Benchmarks name it beside every figure."""
+    torch's own probe (`torch.backends.cpu.get_cpu_capability`). Benchmarks name it beside every figure. Where
+    ONEDNN_MAX_CPU_ISA holds the kernels below what the CPU offers (a wider CPU made to compute as a narrower one
+    does), it says both: "AVX2 (ONEDNN_MAX_CPU_ISA; the CPU has AMX)"."""
+    offered = _offered()
+    limit = _ISA_LIMITS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower())
+    if limit is not None and offered in _ORDER and _ORDER.index(limit) < _ORDER.index(offered):
+        return f"{limit} (ONEDNN_MAX_CPU_ISA; the CPU has {offered})"
+    return offered
+
+
+_ORDER = ("no AVX2", "AVX2", "AVX-512", "AVX-512 BF16", "AMX")  # narrowest first
+_ISA_LIMITS = {"avx2": "AVX2", "avx2_vnni": "AVX2", "avx2_vnni_2": "AVX2", "avx512_core": "AVX-512",
+               "avx512_core_vnni": "AVX-512", "avx512_core_bf16": "AVX-512 BF16", "avx512_core_amx": "AMX"}
+
+
+def _offered() -> str:
     if platform.machine().lower() in ("arm64", "aarch64"):
         return "NEON"
     info = Path("/proc/cpuinfo")
