@@ -327,7 +327,35 @@ def test_max_pixels_refuses_from_the_header_and_jpegs_decode_small(tmp_path, mon
         preprocess.open_image(str(path), max_pixels=1_000_000)
     assert not loaded  # refused before a pixel was decoded
     assert preprocess.prepare(path, "photo", max_pixels=6_000_000)[0].shape == (28, 28)
-    assert max(loaded[0]) <= 2 * preprocess.DECODE  # drafted: decoded at a reduced scale
+    assert loaded[0] == (750, 500)  # drafted at 1/4: its working copy (250x166) is still DECODE pixels long
+
+
+def test_a_jpeg_is_decoded_to_its_luma_and_gives_what_its_full_colour_decoding_gives():
+    """prepare decodes a JPEG's luma alone, at a reduced scale: the same 28x28 input, up to a level or two, as
+    the colour image decoded in full (a product on tinted paper, 1600x1200)."""
+    rng = np.random.default_rng(0)
+    drawn = _products()[0]
+    sheet = np.full((1200, 1600, 3), (228.0, 222.0, 205.0)) + rng.normal(0, 3, (1200, 1600, 3))
+    product = np.asarray(Image.fromarray(drawn).resize((700, 700), Image.Resampling.BICUBIC))[:, :, None]
+    sheet[250:950, 450:1150] -= product * np.array([0.7, 0.8, 0.5])  # a coloured garment
+    raw = jpeg(Image.fromarray(np.clip(sheet, 0, 255).astype(np.uint8)), 85)
+    grey = preprocess.open_image(raw, grey=True)
+    assert grey.mode == "L" and grey.size == (200, 150)  # 1/8 scale: the working copy itself
+    assert preprocess.open_image(raw).mode == "RGB"  # without grey, as before (the overview shows colour)
+    full = Image.open(io.BytesIO(raw))
+    full.load()
+    pixels, chosen = preprocess.prepare(raw)
+    reference = preprocess.photo(full)
+    assert chosen == "photo" and _corr(pixels, reference) > 0.99 and _corr(pixels, drawn) > 0.9
+    assert np.abs(pixels.astype(int) - reference).mean() < 3
+
+
+def test_a_jpeg_a_few_pixels_thin_is_decoded():
+    for size in ((4000, 3), (3, 4000), (4000, 20)):  # drafting divided by a zero height once: "damaged"
+        out = io.BytesIO()
+        Image.new("RGB", size, (200, 200, 200)).save(out, format="JPEG")
+        pixels, _ = preprocess.prepare(out.getvalue())
+        assert pixels.shape == (28, 28)
 
 
 def test_fifo_nan_tiff_eps_and_psd_are_refused_in_one_sentence(tmp_path):
