@@ -141,18 +141,20 @@ def step_gflops(preset: str) -> dict:
     """The training step's images/s and achieved GFLOP/s (6 x forward multiply-adds per image) at the preset's
     model, batch, precision and memory format."""
     cfg = config.preset(preset)
+    bf16 = devices.use_bf16(cfg.precision, torch.device("cpu"))
     from fmnist import runs
 
-    cfg = runs.resolve(cfg)
+    cfg = runs.resolve(config.preset(preset, fp32=not bf16))  # the recipe this machine trains
     model = models.init_weights(runs.build_model(cfg), cfg.init).train()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     x, y = torch.randn(cfg.batch_size, 1, 28, 28), torch.randint(0, 10, (cfg.batch_size,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rate = statistics.median(train_step.step_rate(model, x, y, opt, 10, cfg.precision == "bf16") for _ in range(3))
+    rate = statistics.median(train_step.step_rate(model, x, y, opt, 10, bf16) for _ in range(3))
     macs = models.macs_per_image(model)
-    return {"preset": preset, "model": cfg.model, "precision": cfg.precision, "channels_last": cfg.channels_last,
-            "batch": cfg.batch_size, "images_per_s": rate, "gflops": rate * macs * 6 / 1e9}
+    return {"preset": preset, "model": cfg.model, "precision": "bf16" if bf16 else "fp32",
+            "channels_last": cfg.channels_last, "batch": cfg.batch_size, "images_per_s": rate,
+            "gflops": rate * macs * 6 / 1e9}
 
 
 def public(res: dict) -> str:
