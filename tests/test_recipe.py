@@ -67,3 +67,11 @@ def test_the_recipe_is_in_summary_json_and_survives_a_resume(tiny_dir, tmp_path)
     assert torch.load(run.dir / "last.pt", weights_only=False)["recipe"] == "fp32"
     one = train.fit(tiny_config(tiny_dir, tmp_path / "b", epochs=1))
     assert "recipe" not in one.summary
+
+
+def test_the_recipe_line_names_only_what_the_flags_left_to_it(monkeypatch):
+    monkeypatch.setattr(cli, "_computes_bf16", lambda cfg: False)
+    table = config.fp32_recipe("cnn-fast")
+    words = cli._recipe_words("cnn-fast", cli.config_from_args(parsed("--preset", "cnn-fast", "--epochs", "3")))
+    assert f"epochs {table['epochs']}" not in words and "channels" in words
+    assert f"epochs {table['epochs']}" in cli._recipe_words("cnn-fast")

@@ -136,11 +136,12 @@ def _layers(args: argparse.Namespace, flags: dict[str, Any], fp32: bool) -> Trai
     return config_mod.from_dict(flags, cfg, where="flags").validate()
 
 
-def _recipe_words(name: str) -> str:
-    """What preset `name`'s fp32 recipe changes, in words: "fp32 recipe (no native bfloat16 here): epochs 10, ..."."""
-    changes = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                        for k, v in config_mod.fp32_recipe(name).items())
-    return f"fp32 recipe (no native bfloat16 here): {changes}"
+def _recipe_words(name: str, cfg: TrainConfig | None = None) -> str:
+    """What preset `name`'s fp32 recipe changes, in words: "fp32 recipe (no native bfloat16 here): epochs 10, ...";
+    with the run's `cfg`, what it changes that --config and flags left as it says."""
+    table = {k: v for k, v in config_mod.fp32_recipe(name).items() if cfg is None or getattr(cfg, k) == v}
+    changes = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in table.items())
+    return f"fp32 recipe (no native bfloat16 here): {changes or 'every field of it overridden'}"
 
 
 def _computes_bf16(cfg: TrainConfig) -> bool:
@@ -195,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             del args.lr
         cfg = config_from_args(args)
         if args.recipe == config_mod.FP32 and os.environ.get("RANK", "0") == "0":
-            _echo(args)(f"{args.preset}: {_recipe_words(args.preset)}")
+            _echo(args)(f"{args.preset}: {_recipe_words(args.preset, cfg)}")
         if auto and args.nproc not in (None, 1):
             raise ConfigError("--lr auto is not run on several processes (each would sweep alone): run fmnist "
                               "lr-find first and give its rate with --lr.")
