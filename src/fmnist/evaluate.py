@@ -112,15 +112,11 @@ def mahalanobis_stats(model: nn.Module, cfg: TrainConfig, splits: data.Splits, d
                       world: distributed.World = distributed.World(), small: bool = False
                       ) -> dict[str, calibrate.Mahalanobis]:
     """Tap -> class means and shared covariance of its features on up to calibrate.TRAIN_FEATURES training images
-    (a seeded draw that leaves the global random state alone; 2,048 when `small`).
-
-    Without test-time augmentation's views, whatever the run uses: six forward passes per image were 38 % of the
-    time cnn-fast spent after its last epoch. Each score's threshold is still set on validation images as
-    inference sees them, so the choice and the threshold stay consistent."""
+    (a seeded draw that leaves the global random state alone; 2,048 when `small`)."""
     x, y = splits.train
     take = min(len(y), 2048 if small else calibrate.TRAIN_FEATURES)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[:take]
-    train = scores(model, dataclasses.replace(cfg, tta=False), (x[pick], y[pick]), device, world, features=True)
+    train = scores(model, cfg, (x[pick], y[pick]), device, world, features=True)
     return {tap: calibrate.fit_mahalanobis(f, train.labels, train.logits.shape[1]) for tap, f in train.features.items()}
 
 
