@@ -682,7 +682,7 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
     figures: dict[str, Any] = {}
     scores = None
     if test:
-        split = t.splits.test if not cfg.dry_run else tuple(s[:2048] for s in t.splits.test)
+        split = _test_split(t)
         # with the features the OOD score reads: the logits are the same to the bit (models.taps_and_logits)
         scores = evaluate.scores(best, cfg, split, t.device, world, probabilities=True, features=True)
         figures = dict(test_accuracy=scores.accuracy, test_loss=scores.loss)
@@ -713,6 +713,11 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
     return Run(t.run_dir, summary, history)
 
 
+def _test_split(t: Training) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as the run evaluates it (a dry run: its first 2,048 images)."""
+    return t.splits.test if not t.cfg.dry_run else tuple(s[:2048] for s in t.splits.test)
+
+
 def calibrate_best(t: Training, best: nn.Module, scores: evaluate.Scores | None
                    ) -> tuple[calibrate.Calibration, dict[str, Any]]:
     """best.pt's calibration, fitted on the training and validation splits (evaluate.fit_calibration), and its
@@ -725,8 +730,7 @@ def calibrate_best(t: Training, best: nn.Module, scores: evaluate.Scores | None
                                         val_accuracy=t.best["val_acc"])
     figures: dict[str, Any] = {**cal.summary()}
     if scores is not None and cal.uses_tta(t.cfg.tta) != t.cfg.tta:  # inference drops the views: its own outputs
-        split = t.splits.test if not t.cfg.dry_run else tuple(s[:2048] for s in t.splits.test)
-        scores = evaluate.scores(best, dataclasses.replace(t.cfg, tta=False), split, t.device, t.world,
+        scores = evaluate.scores(best, dataclasses.replace(t.cfg, tta=False), _test_split(t), t.device, t.world,
                                  probabilities=True, features=True)
         figures.update(test_accuracy_inference=scores.accuracy)
     if scores is not None:
