@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fmnist import config, models
+from fmnist.errors import ModelError
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -112,6 +113,42 @@ def test_multiply_adds_match_a_hand_count():
     convs = (28 * 28 * 32 * 1 * 9 + 14 * 14 * 32 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 7 * 7 * 64 * 64 * 9
              + 7 * 7 * 128 * 64 * 9 + 3 * 3 * 128 * 128 * 9)
     assert models.macs_per_image(models.create("cnn")) == convs + 3 * 3 * 128 * 10
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 8, 7, 7), (2, 3, 5, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_cnn_max_pool_gives_max_pool2d_values_outside_autograd_and_its_gradient_inside(shape, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).to(memory_format=fmt)
+    x[0, 0, 0, :2] = 5.0  # a tie: the gradient goes where max_pool2d's indices say
+    want = nn.functional.max_pool2d(x, 2)
+    pool = models.MaxPool2x2()
+    with torch.no_grad():
+        assert torch.equal(pool(x), want)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pool(a).sum().backward()
+    nn.functional.max_pool2d(b, 2).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    assert isinstance(models.create("cnn").net[1], models.MaxPool2x2)
+
+
+def test_a_strided_stem_leaves_nothing_but_its_conv_at_full_size():
+    pool, stride = models.create("cnn"), models.create("cnn", stem="stride")
+    sizes = {}
+
+    def size(module, inputs, output) -> None:  # None: the output stays
+        sizes[module] = (inputs[0].shape[-1], output.shape[-1])
+
+    for m in stride.modules():
+        if not list(m.children()):
+            m.register_forward_hook(size)
+    assert stride(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert [type(m).__name__ for m, (i, o) in sizes.items() if i == 28] == ["Conv2d"]  # 28 in, 14 out
+    assert not any(isinstance(m, nn.MaxPool2d) and i == 28 for m, (i, o) in sizes.items())
+    first = 28 * 28 * 32 * 9  # the pool stem's conv at 28x28; the strided one has 14x14 outputs of 4x4 taps
+    assert models.macs_per_image(pool) - models.macs_per_image(stride) == first - 14 * 14 * 32 * 16
+    with pytest.raises(ModelError, match="takes no 'stem'"):
+        models.create("mlp", stem="stride")
 
 
 @pytest.mark.parametrize("name", models.names())

@@ -38,9 +38,10 @@ PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.init_weights applies them
 # name -> its torch.nn module, which models.py builds (the names live here so that `--help` needs no torch)
+STEMS = ("pool", "stride")  # cnn: models.CNN
 ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "tanh": "Tanh", "sigmoid": "Sigmoid",
                "leaky_relu": "LeakyReLU"}
-MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_norm")
+MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_norm", "stem")
 # Where the data lives, where the run goes and how it is shown are not part of what a run *is*:
 # two configs that differ only in these train the same model.
 NOT_IDENTITY = ("data_dir", "out_dir", "name", "plots", "tensorboard", "device", "threads", "dry_run")
@@ -84,6 +85,9 @@ class TrainConfig:
     dropout: float | None = _f(None, "dropout probability (mlp: after each hidden layer; cnn: before the head; "
                                      "default 0)", "float", ge=0, lt=1)
     batch_norm: bool | None = _f(None, "batch normalisation in hidden layers (default on)", "bool")
+    stem: str | None = _f(None, "cnn: how the first block halves the 28 pixels: pool (a 3x3 conv, then 2x2 "
+                                "max-pool; default) or stride (one 4x4 conv of stride 2: less work at 28x28)", "str",
+                          choices=STEMS)
     init: str = _f("xavier", "weight init", "str", choices=INITS)
     init_std: float = _f(0.01, "standard deviation of the 'normal' init", "float", gt=0)
     # how
@@ -111,6 +115,9 @@ class TrainConfig:
                           "validation, best.pt and the test use the average", "float", ge=0, lt=1)
     tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image, its "
                           "mirror and 1-pixel shifts", "bool")
+    epoch_tta: bool = _f(True, "with --tta: validate each epoch with the views too (off: each epoch's validation "
+                               "sees the plain images, a sixth of the work, and best.pt's accuracy with the views is "
+                               "measured once, at the end)", "bool")
     precision: str = _f("fp32", "bf16 is autocast with fp32 weights: faster where the hardware computes bfloat16 "
                                 "(AVX-512 BF16, AMX or a recent GPU), far slower where it does not; auto: bf16 "
                                 "where it is native, else fp32", "str", choices=PRECISIONS)
