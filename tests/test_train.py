@@ -291,6 +291,21 @@ def test_bf16_and_channels_last_train_a_convnet_that_loads_anywhere(tiny_dir, tm
     assert predict.Predictor(run.dir).probabilities(x).shape == (2, 10)
 
 
+def test_plain_epoch_validation_measures_the_views_once_at_the_end(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, tmp_path, model="cnn", hidden=None, channels=[4, 8], track_neurons=None, epochs=2,
+                      tta=True, epoch_tta=False)
+    run = train.fit(cfg)
+    model, _, _ = runs.load_model(run.dir)
+    splits = evaluate.load_splits(cfg)
+    plain = evaluate.scores(model, dataclasses.replace(cfg, tta=False), splits.val, torch.device("cpu"))
+    views = evaluate.scores(model, cfg, splits.val, torch.device("cpu"))
+    best = run.history[run.summary["best_epoch"] - 1]
+    assert best["val_acc"] == run.summary["best_val_accuracy_plain"] == plain.accuracy  # the epochs: plain images
+    assert run.summary["best_val_accuracy"] == views.accuracy  # best.pt with its views
+    assert run.summary["tta_val_gain"] == pytest.approx(views.accuracy - plain.accuracy)
+    assert plain.accuracy != views.accuracy  # else the test could not tell the two apart
+
+
 def test_bf16_on_a_cpu_without_it_says_so(tiny_dir, tmp_path, monkeypatch):
     said: list[str] = []
     monkeypatch.setattr(devices, "native_bf16", lambda: False)

@@ -622,8 +622,8 @@ def validate(t: Training, row: dict[str, Any]) -> None:
     distributed.average_buffers(t.model, t.world)
     if t.step.ema is not None:
         distributed.average_buffers(t.step.ema.module, t.world)
-    val = t.splits.val if not t.cfg.dry_run else tuple(s[:2 * 1024] for s in t.splits.val)
-    scores = evaluate.scores(t.evaluated, t.cfg, val, t.device, t.world)
+    cfg = t.cfg if t.cfg.epoch_tta else dataclasses.replace(t.cfg, tta=False)
+    scores = evaluate.scores(t.evaluated, cfg, evaluate.val_split(t.splits, t.cfg.dry_run), t.device, t.world)
     if not (math.isfinite(row["train_loss"]) and math.isfinite(scores.loss)):
         last = f"The last good checkpoint is {t.run_dir / 'last.pt'}." if row["epoch"] > 1 else "No epoch was saved."
         raise TrainError(f"training diverged at epoch {row['epoch']} (loss is {row['train_loss']}); try a lower "
@@ -687,10 +687,14 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
         scores = evaluate.scores(best, cfg, split, t.device, world, probabilities=True, features=True)
         figures = dict(test_accuracy=scores.accuracy, test_loss=scores.loss)
     cal, cal_figures = calibrate_best(t, best, scores)
+    views = cal_figures.pop("val_accuracy_views", None)
+    # the epochs were validated on the plain images: the calibration measured best.pt with its views
+    val_acc = views if cfg.tta and not cfg.epoch_tta else t.best["val_acc"]
     history = t.history
     images_per_epoch = min(len(t.splits.train[1]), len(t.train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
-        **figures, best_val_accuracy=t.best["val_acc"], best_epoch=t.best["epoch"], epochs=len(history),
+        **figures, best_val_accuracy=val_acc, best_epoch=t.best["epoch"], epochs=len(history),
+        **({"best_val_accuracy_plain": t.best["val_acc"]} if val_acc != t.best["val_acc"] else {}),
         wall_seconds=round(time.perf_counter() - started, 2),
         train_samples_per_second=round(len(history) * images_per_epoch
                                        / max(sum(r["seconds"] for r in history), 1e-9)),
@@ -726,8 +730,7 @@ def calibrate_best(t: Training, best: nn.Module, scores: evaluate.Scores | None
     the temperature and the share of the test split marked unsure (after every choice is made), on the outputs
     inference gives (without test-time augmentation where validation said it buys too little: then also the
     test accuracy inference has)."""
-    cal, val = evaluate.fit_calibration(best, t.cfg, t.splits, t.device, t.world, small=t.cfg.dry_run,
-                                        val_accuracy=t.best["val_acc"])
+    cal, val = evaluate.fit_calibration(best, t.cfg, t.splits, t.device, t.world, small=t.cfg.dry_run)
     figures: dict[str, Any] = {**cal.summary()}
     if scores is not None and cal.uses_tta(t.cfg.tta) != t.cfg.tta:  # inference drops the views: its own outputs
         scores = evaluate.scores(best, dataclasses.replace(t.cfg, tta=False), _test_split(t), t.device, t.world,
