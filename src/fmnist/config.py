@@ -37,8 +37,8 @@ SCHEDULES = ("plateau", "onecycle", "cosine", "linear", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.init_weights applies them
+STEMS = ("pool", "stride")  # cnn: how models.CNN's first block halves the image
 # name -> its torch.nn module, which models.py builds (the names live here so that `--help` needs no torch)
-STEMS = ("pool", "stride")  # cnn: models.CNN
 ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "tanh": "Tanh", "sigmoid": "Sigmoid",
                "leaky_relu": "LeakyReLU"}
 MODEL_FIELDS = ("hidden", "channels", "blocks", "activation", "dropout", "batch_norm", "stem")

@@ -165,9 +165,9 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     """
     tta, gain, val, views_figure = cfg.tta, None, None, {}
     if cfg.tta:  # both evaluations with features: the one inference keeps is the calibration's validation
-        views = scores(model, cfg, val_split(splits, small), device, world, features=True)
-        plain_cfg = dataclasses.replace(cfg, tta=False)
-        plain = scores(model, plain_cfg, val_split(splits, small), device, world, features=True)
+        split, plain_cfg = val_split(splits, small), dataclasses.replace(cfg, tta=False)
+        views = scores(model, cfg, split, device, world, features=True)
+        plain = scores(model, plain_cfg, split, device, world, features=True)
         gain = views.accuracy - plain.accuracy
         tta = gain >= calibrate.TTA_GAIN
         cfg, val = (cfg, views) if tta else (plain_cfg, plain)

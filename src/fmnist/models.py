@@ -180,7 +180,7 @@ class CNN(nn.Module):
     `stem` "stride": the first block's conv and max-pool become one 4x4 conv of
     stride 2, so that nothing runs at 28x28 but that conv's 14x14 outputs. The
     full-size max-pool does no arithmetic but took a fifth of the training step
-    on a CPU (benchmarks/RESULTS.md, "Where cnn-fast's time goes").
+    on a CPU (benchmarks/RESULTS.md, "Less work outside the epochs").
     """
 
     def __init__(self, channels: tuple[int, ...] | list[int], activation: str, dropout: float,

@@ -688,13 +688,13 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
         figures = dict(test_accuracy=scores.accuracy, test_loss=scores.loss)
     cal, cal_figures = calibrate_best(t, best, scores)
     views = cal_figures.pop("val_accuracy_views", None)
-    # the epochs were validated on the plain images: the calibration measured best.pt with its views
-    val_acc = views if cfg.tta and not cfg.epoch_tta else t.best["val_acc"]
+    plain_epochs = cfg.tta and not cfg.epoch_tta  # the calibration measured best.pt with its views
+    val_acc = views if plain_epochs else t.best["val_acc"]
     history = t.history
     images_per_epoch = min(len(t.splits.train[1]), len(t.train_loader) * cfg.batch_size)  # fewer in a dry run
     summary = dict(
         **figures, best_val_accuracy=val_acc, best_epoch=t.best["epoch"], epochs=len(history),
-        **({"best_val_accuracy_plain": t.best["val_acc"]} if val_acc != t.best["val_acc"] else {}),
+        **({"best_val_accuracy_plain": t.best["val_acc"]} if plain_epochs else {}),
         wall_seconds=round(time.perf_counter() - started, 2),
         train_samples_per_second=round(len(history) * images_per_epoch
                                        / max(sum(r["seconds"] for r in history), 1e-9)),
