@@ -52,6 +52,18 @@ def test_ctrl_c_during_an_onnx_export_is_one_line_and_leaves_nothing(run, delay)
     assert not list(run.glob("*.fmnist-tmp")) and not (run / "model.onnx").exists()
 
 
+
+@pytest.mark.slow
+def test_ctrl_c_after_the_export_is_written_leaves_a_finished_command(run):
+    """Python's shutdown after torch takes most of a second: a Ctrl-C then made a finished export exit -2."""
+    p = _fmnist("export", str(run))
+    first = p.stdout.readline()  # standard output is a pipe: it reaches us when the command has returned
+    assert "model.onnx" in first, p.communicate()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == "", err
+    assert "use it: fmnist predict" in out and (run / "model.onnx").stat().st_size > 0
+
 def _file_size_limit() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))

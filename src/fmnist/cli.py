@@ -962,7 +962,9 @@ def _main(argv: list[str] | None) -> int:
     args = None
     _safe_streams()
     hit: list[int] = []
-    restore = _note_interrupts(hit)
+    # The real command, once over, ignores Ctrl-C: Python's shutdown after torch takes most of a second, and a
+    # Ctrl-C then made a finished command look killed (exit -2, its files written).
+    restore = _note_interrupts(hit, then=signal.SIG_IGN if argv is None else signal.default_int_handler)
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -1000,8 +1002,8 @@ def _main(argv: list[str] | None) -> int:
         restore()
 
 
-def _note_interrupts(hit: list[int]):
-    """Python's own Ctrl-C handler, which also notes that Ctrl-C came; returns what puts the old one back."""
+def _note_interrupts(hit: list[int], then=signal.default_int_handler):
+    """Python's own Ctrl-C handler, which also notes that Ctrl-C came; returns what puts THEN in its place."""
     try:
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             return lambda: None  # ignored, or someone else's handler: theirs to keep
@@ -1017,7 +1019,7 @@ def _note_interrupts(hit: list[int]):
     def restore() -> None:
         with contextlib.suppress(ValueError):
             if signal.getsignal(signal.SIGINT) is note:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGINT, then)
     return restore
 
 
