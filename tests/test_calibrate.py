@@ -139,6 +139,46 @@ def test_taps_leave_the_logits_bit_identical(name, kw):
     assert all(t.ndim == 2 and len(t) == 5 for t in taps.values())
 
 
+
+def test_choose_keeps_the_score_of_several_parts_unless_a_single_one_does_measurably_better():
+    aurocs = dict.fromkeys(calibrate.METHODS, 0.9)
+    close = {"msp": 0.90, "energy": 0.943, "mahalanobis": 0.03, "combined": 0.64, "tails": 0.932}
+    assert calibrate.choose(close, aurocs, 600) == "tails"  # 1.1 points below, two standard errors are 1.9
+    assert calibrate.choose(close, aurocs, 60_000) == "energy"  # the same gap is measurable on 60,000 images
+    apart = {"msp": 0.20, "energy": 0.60, "mahalanobis": 0.965, "combined": 0.66, "tails": 0.69}
+    assert calibrate.choose(apart, aurocs, 600) == "mahalanobis"  # cnn-fast's: a single view far ahead
+    tie = dict(close, combined=0.932)
+    assert calibrate.choose(tie, dict(aurocs, combined=0.95), 600) == "combined"  # then the better AUROC
+
+
+def test_outlier_exposure_teaches_the_model_to_tell_kinds_it_never_saw(tiny_dir, tmp_path):
+    """Trained with drawn non-products (strokes, blobs, noise, gradients, noise textures), the energy tells the
+    validation non-products (shapes, textures, stripes: other kinds) from real images better than without."""
+    from fmnist import train
+    from fmnist.config import TrainConfig
+
+    other = np.concatenate(list(calibrate.validation_ood(50, 0).values()))
+    x, y = data.load_split(data.locate(str(tiny_dir)), "test")
+    separation = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name=f"oe{weight}", hidden=[32], epochs=8,
+                          batch_size=64, val_size=100, device="cpu", plots=False, threads=1,
+                          outlier_exposure=weight)
+        model, _, _ = runs.load_model(train.fit(cfg).dir)
+        with torch.no_grad():
+            real = model(data.normalize(torch.from_numpy(x)).unsqueeze(1))
+            drawn = model(data.normalize(torch.from_numpy(other)).unsqueeze(1))
+        assert (real.argmax(1).numpy() == y).mean() > 0.95
+        separation[weight] = calibrate.auroc(calibrate.energy_score(real), calibrate.energy_score(drawn))
+    assert separation[1.0] > separation[0.0] + 0.05, separation  # 0.84 -> 0.95 when written
+
+
+def test_a_run_saved_before_outlier_exposure_resumes_without_it(trained_run, tmp_path):
+    ckpt = runs.load_checkpoint(trained_run / "last.pt", "last")
+    assert runs.checkpoint_config(ckpt, trained_run / "last.pt").outlier_exposure > 0  # today's default
+    old = dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != "outlier_exposure"})
+    assert runs.checkpoint_config(old, tmp_path / "last.pt").outlier_exposure == 0.0
+
 # ---------------------------------------------------------------- a run that stores its calibration
 
 

@@ -134,6 +134,10 @@ class TrainConfig:
     photo_aug: float = _f(0.0, "augment: probability of a photo-like perturbation: a grey or uneven background, "
                                "lower contrast, pixel noise, a soft shadow beside the product, a tilt of up to 10 "
                                "degrees and a zoom in or out by up to a tenth (0 = off)", "float", ge=0, le=1)
+    outlier_exposure: float = _f(0.25, "weight of outlier exposure: each batch also holds half as many drawn "
+                                       "non-products (strokes, blobs, noise, gradients, noise textures) whose "
+                                       "softmax is pulled towards uniform, so that the run knows when not to "
+                                       "answer (0 = off)", "float", ge=0, le=10)
     val_size: int = _f(5000, "validation images held out of the training images", "int", ge=1)
     split_seed: int = _f(0, "seed of the train/validation split", "int", ge=0, le=SEED_MAX)
     data_dir: str = _f("", "directory with the four IDX files (default: search)", "str")

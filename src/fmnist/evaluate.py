@@ -180,7 +180,7 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     thresholds = {m: calibrate.threshold_for(real[m]) for m in calibrate.METHODS}
     caught = {m: float((other[m] > thresholds[m]).double().mean()) for m in calibrate.METHODS}
     aurocs = {m: calibrate.auroc(real[m], other[m]) for m in calibrate.METHODS}
-    method = max(calibrate.METHODS, key=lambda m: (caught[m], aurocs[m]))
+    method = calibrate.choose(caught, aurocs, sum(len(v) for v in sets.values()))
     cal = calibrate.Calibration(temperature, method, thresholds[method],
                                 {t: stats[t] for t in calibrate.needs(method)},
                                 every.scale if method == "combined" else {}, every.tails if method == "tails" else {},

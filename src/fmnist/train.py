@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .errors import Interrupted, RunError, TrainError
 
 DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
+DIVERGED = 1e4  # a mean loss above this has diverged even where it stays finite (the loss starts near ln 10)
 BF16_NOTE = ("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
              "correctly but far slower than fp32 here (a convnet: about 10x slower on an AVX2-only machine)")
 
@@ -174,6 +175,8 @@ class Step:
     teacher: nn.Module | None = None  # distillation from this model's logits at `distill`
     distill: tuple[float, float] = (4.0, 0.5)  # (temperature, weight of the teacher's targets)
     world: distributed.World = distributed.World()
+    outliers: torch.Tensor | None = None  # normalised drawn non-products (M, 1, 28, 28) on the device, or None
+    exposure: float = 0.0  # the weight of their loss: cross-entropy to the uniform distribution
 
 
 def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, progress: bool = False,
@@ -191,20 +194,31 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, prog
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
+    if step.outliers is not None:  # this epoch's draws of them, replayable like the loader's (a resumed run)
+        drawn = torch.Generator(device=device)
+        drawn.manual_seed(data.epoch_seed(loader.seed, loader.epoch, world.rank if world.size > 1 else None) + 7)
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=step.bf16):
-            logits = model(x)
+            if step.outliers is None:
+                logits = model(x)
+            else:  # half as many drawn non-products, in the same forward pass: batch norm sees both alike
+                pick = torch.randint(len(step.outliers), (max(1, len(y) // 2),), generator=drawn, device=device)
+                both = model(torch.cat([x, step.outliers[pick]]))
+                logits, other = both[:len(y)], both[len(y):]
             if step.teacher is None:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=step.label_smoothing)
             else:
                 with torch.autocast(device.type, enabled=False):
                     taught = step.teacher(x)  # the teacher sees the same augmented batch
                 loss = distill_loss(logits.float(), taught, y, *step.distill, label_smoothing=step.label_smoothing)
+            fitted = loss  # the loss reported is the real images' alone, comparable with validation's
+            if step.outliers is not None:  # Hendrycks et al. 2019: their softmax towards uniform
+                fitted = loss - step.exposure * F.log_softmax(other.float(), dim=1).mean(1).mean()
         step.optimizer.zero_grad(set_to_none=True)
         if world.size > 1:  # this rank's share of the global batch's mean loss, times world size
-            (loss * (len(y) * world.size / loader.global_count)).backward()
+            (fitted * (len(y) * world.size / loader.global_count)).backward()
         else:
-            loss.backward()
+            fitted.backward()
         step.optimizer.step()
         if step.ema is not None:
             step.ema.update_parameters(model)
@@ -215,6 +229,12 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, prog
         n += len(y)
     loss_total, right, seen = distributed.all_sum([loss_sum.item(), correct.item(), n], world)
     return loss_total / seen, right / seen, time.perf_counter() - start
+
+
+def diverged(loss: float) -> bool:
+    """Whether a mean loss says the training has diverged: not finite, or past DIVERGED (with outlier exposure a
+    learning rate far too high gave a loss of 3e19 that stayed finite)."""
+    return not math.isfinite(loss) or loss > DIVERGED
 
 
 # ---------------------------------------------------------------- a training's state
@@ -527,6 +547,10 @@ def make_step(cfg: TrainConfig, model: nn.Module, batches: int, epochs: int, dev
     schedule, per_batch = make_schedule(cfg, opt, batches, epochs)
     step = Step(opt, schedule if per_batch else None, make_ema(cfg, model), devices.use_bf16(cfg.precision, device),
                 cfg.label_smoothing, teacher, (cfg.distill_temperature, cfg.distill_weight), world)
+    if cfg.outlier_exposure > 0:
+        drawn = torch.cat([torch.from_numpy(a) for a in calibrate.exposure_ood(seed=cfg.seed).values()])
+        step.outliers = data.normalize(drawn).unsqueeze(1).to(device)
+        step.exposure = cfg.outlier_exposure
     return step, schedule
 
 
@@ -562,7 +586,7 @@ def train_arrays(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, d
         torch.manual_seed(data.epoch_seed(cfg.seed, epoch))  # dropout draws: a function of (seed, epoch)
         loader.set_epoch(epoch)
         loss, _, _ = train_one_epoch(model, loader, step, progress, f"{desc}epoch {epoch}/{epochs}".strip())
-        if not math.isfinite(loss):
+        if diverged(loss):
             raise TrainError(f"training diverged at epoch {epoch} (loss is {loss}); try a lower --lr.")
         if schedule is not None and step.schedule is None:
             schedule.step(loss) if cfg.schedule == "plateau" else schedule.step()
@@ -624,7 +648,7 @@ def validate(t: Training, row: dict[str, Any]) -> None:
         distributed.average_buffers(t.step.ema.module, t.world)
     cfg = t.cfg if t.cfg.epoch_tta else dataclasses.replace(t.cfg, tta=False)
     scores = evaluate.scores(t.evaluated, cfg, evaluate.val_split(t.splits, t.cfg.dry_run), t.device, t.world)
-    if not (math.isfinite(row["train_loss"]) and math.isfinite(scores.loss)):
+    if diverged(row["train_loss"]) or diverged(scores.loss):
         last = f"The last good checkpoint is {t.run_dir / 'last.pt'}." if row["epoch"] > 1 else "No epoch was saved."
         raise TrainError(f"training diverged at epoch {row['epoch']} (loss is {row['train_loss']}); try a lower "
                          f"--lr. {last}")
