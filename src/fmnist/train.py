@@ -194,15 +194,19 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, prog
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
-    if step.outliers is not None:  # this epoch's draws of them, replayable like the loader's (a resumed run)
-        drawn = torch.Generator(device=device)
-        drawn.manual_seed(data.epoch_seed(loader.seed, loader.epoch, world.rank if world.size > 1 else None) + 7)
+    if step.outliers is not None:  # this epoch's draws of them, replayable like the loader's (a resumed run), and
+        drawn = torch.Generator(device=device)  # shared by the processes like its shuffle: each takes its part
+        drawn.manual_seed(data.epoch_seed(loader.seed, loader.epoch) + 7)
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=step.bf16):
             if step.outliers is None:
                 logits = model(x)
             else:  # half as many drawn non-products, in the same forward pass: batch norm sees both alike
-                pick = torch.randint(len(step.outliers), (max(1, len(y) // 2),), generator=drawn, device=device)
+                pick = torch.randint(len(step.outliers), (max(1, loader.global_count // 2),), generator=drawn,
+                                     device=device)
+                drawn_count = len(pick)
+                if world.size > 1:
+                    pick = pick[distributed.shard(drawn_count, world.rank, world.size)]
                 both = model(torch.cat([x, step.outliers[pick]]))
                 logits, other = both[:len(y)], both[len(y):]
             if step.teacher is None:
@@ -211,14 +215,16 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, prog
                 with torch.autocast(device.type, enabled=False):
                     taught = step.teacher(x)  # the teacher sees the same augmented batch
                 loss = distill_loss(logits.float(), taught, y, *step.distill, label_smoothing=step.label_smoothing)
-            fitted = loss  # the loss reported is the real images' alone, comparable with validation's
-            if step.outliers is not None:  # Hendrycks et al. 2019: their softmax towards uniform
-                fitted = loss - step.exposure * F.log_softmax(other.float(), dim=1).mean(1).mean()
+            exposed = 0.0  # Hendrycks et al. 2019: the drawn non-products' softmax towards uniform
+            if step.outliers is not None:  # (a process's part may be empty: its sum, then the global mean)
+                uniform = -F.log_softmax(other.float(), dim=1).mean(1)
+                exposed = step.exposure * (uniform.sum() * world.size / drawn_count if world.size > 1 else
+                                           uniform.mean())
         step.optimizer.zero_grad(set_to_none=True)
         if world.size > 1:  # this rank's share of the global batch's mean loss, times world size
-            (fitted * (len(y) * world.size / loader.global_count)).backward()
+            (loss * (len(y) * world.size / loader.global_count) + exposed).backward()
         else:
-            fitted.backward()
+            (loss + exposed).backward()  # the loss reported is the real images' alone, comparable with validation's
         step.optimizer.step()
         if step.ema is not None:
             step.ema.update_parameters(model)
