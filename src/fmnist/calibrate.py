@@ -11,9 +11,10 @@ non-products that this module draws (`validation_ood`: shapes, smooth textures
 and stripes, none of the kinds the benchmark tests on), and the one that
 catches most of them is kept (`choose`: a score of several parts where it is
 within two standard errors of the best), with the threshold that keeps
-VAL_KEPT of the real validation images. Everything lands in best.pt's "calibration" entry (and
-its figures in summary.json); `models.PixelClassifier` applies it, so an
-exported model gives calibrated probabilities and the score too.
+VAL_KEPT of the real validation images. Everything lands in best.pt's
+"calibration" entry (and its figures in summary.json); `models.PixelClassifier`
+applies it, so an exported model gives calibrated probabilities and the score
+too.
 
 Every score is "higher = less like Fashion-MNIST"; an image is unsure when its
 score is above the threshold:
@@ -406,8 +407,8 @@ def validation_ood(per_kind: int = VAL_OOD_PER_KIND, seed: int = 0) -> dict[str,
 
 @functools.lru_cache(maxsize=4)  # the same for every run of a seed: drawn once per process
 def exposure_ood(per_kind: int = EXPOSURE_PER_KIND, seed: int = 0) -> dict[str, np.ndarray]:
-    """Non-products the exposure detector is fitted on, as `fmnist predict` would see them: kind -> (N, 28, 28)
-    uint8.
+    """Non-products that outlier exposure trains on (`--outlier-exposure`), as `fmnist predict` would see them:
+    kind -> (N, 28, 28) uint8.
 
     Other kinds than `validation_ood`'s, from another random stream, so that choosing among the scores there
     still measures how a score does on kinds it has not seen: "strokes" (1-3 pen strokes, Bezier curves or

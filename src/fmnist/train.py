@@ -199,6 +199,7 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, prog
         drawn.manual_seed(data.epoch_seed(loader.seed, loader.epoch) + 7)
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=step.bf16):
+            exposed = 0.0  # the drawn non-products' loss; the loss reported is the real images' alone
             if step.outliers is None:
                 logits = model(x)
             else:  # half as many drawn non-products, in the same forward pass: batch norm sees both alike
@@ -208,23 +209,23 @@ def train_one_epoch(model: nn.Module, loader: data.BatchLoader, step: Step, prog
                 if world.size > 1:
                     pick = pick[distributed.shard(drawn_count, world.rank, world.size)]
                 both = model(torch.cat([x, step.outliers[pick]]))
-                logits, other = both[:len(y)], both[len(y):]
+                logits = both[:len(y)]
+                # Hendrycks et al. 2019: their softmax towards uniform (a process's part may be empty: its sum,
+                # then the global mean)
+                uniform = -F.log_softmax(both[len(y):].float(), dim=1).mean(1)
+                exposed = step.exposure * (uniform.sum() * world.size / drawn_count if world.size > 1 else
+                                           uniform.mean())
             if step.teacher is None:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=step.label_smoothing)
             else:
                 with torch.autocast(device.type, enabled=False):
                     taught = step.teacher(x)  # the teacher sees the same augmented batch
                 loss = distill_loss(logits.float(), taught, y, *step.distill, label_smoothing=step.label_smoothing)
-            exposed = 0.0  # Hendrycks et al. 2019: the drawn non-products' softmax towards uniform
-            if step.outliers is not None:  # (a process's part may be empty: its sum, then the global mean)
-                uniform = -F.log_softmax(other.float(), dim=1).mean(1)
-                exposed = step.exposure * (uniform.sum() * world.size / drawn_count if world.size > 1 else
-                                           uniform.mean())
         step.optimizer.zero_grad(set_to_none=True)
         if world.size > 1:  # this rank's share of the global batch's mean loss, times world size
             (loss * (len(y) * world.size / loader.global_count) + exposed).backward()
         else:
-            (loss + exposed).backward()  # the loss reported is the real images' alone, comparable with validation's
+            (loss + exposed).backward()
         step.optimizer.step()
         if step.ema is not None:
             step.ema.update_parameters(model)
