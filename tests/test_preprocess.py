@@ -10,13 +10,14 @@ import os
 import struct
 import time
 
+import cv2
 import numpy as np
 import pytest
 from conftest import synthetic
 from photos import CONDITIONS, jpeg, photograph, render
 from PIL import Image, ImageDraw
 
-from fmnist import preprocess
+from fmnist import data, preprocess
 from fmnist.errors import ImageError, PredictError
 
 
@@ -207,6 +208,96 @@ def test_each_condition_comes_out_like_the_dataset_image(condition):
     # a soft shadow is the hardest: part of it can stay beside the product (see benchmarks/RESULTS.md, Photos)
     assert min(likeness) > (0.5 if condition == "shadow" else 0.7 if condition == "tilt" else 0.85), likeness
     assert np.mean(likeness) > (0.7 if condition == "shadow" else 0.8 if condition == "tilt" else 0.9), likeness
+
+
+def _working_scene(kind: str, shift: tuple[int, int] | None, pale: bool = False):
+    """What `photo` sees after flattening, (240, 240): one of _products' outlines 168 px tall, textured as a
+    dataset image is (each of its 28x28 pixels a shade of 10-200, enlarged), its edge softened, on a white
+    sheet darkened by the shadow it casts (its outline moved by `shift` and blurred by 4 % of its size, 40 %
+    dark), or by none. A pale product is one flat light grey (175). -> (flat, dark, the product's mask)."""
+    shapes = {"dress": 0, "trousers": 1, "bag": 2}
+    outline = cv2.resize((_products()[shapes[kind]] > 0).astype(np.uint8), (168, 168),
+                         interpolation=cv2.INTER_NEAREST).astype(bool)
+    product = np.zeros((240, 240), bool)
+    product[36:204, 36:204] = outline
+    cast = np.zeros((240, 240), np.float32)
+    if shift is not None:
+        cast = cv2.GaussianBlur(np.roll(product.astype(np.float32), shift, axis=(0, 1)), (0, 0), 0.04 * 168)
+    sheet = 255 * (1 - 0.4 * cast)
+    shades = np.random.default_rng(shapes[kind]).uniform(10, 200, (28, 28))
+    tone = np.full((240, 240), 175.0) if pale else cv2.resize(shades, (240, 240), interpolation=cv2.INTER_CUBIC)
+    alpha = cv2.GaussianBlur(product.astype(np.float32), (0, 0), 1.0)
+    flat = (alpha * tone + (1 - alpha) * sheet).astype(np.float32)
+    return flat, flat < 255 - preprocess.CONTRAST, product
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.mark.parametrize("kind", ["dress", "trousers", "bag"])
+def test_a_cast_shadow_is_cut_away_whichever_way_it_falls(kind):
+    """The dark region is the product and its shadow; what the cast-shadow search keeps is the product (within
+    its soft edge), whichever way the light falls; the shadow itself covered a fifth of the region or more."""
+    for shift in [(10, 10), (10, -10), (-10, 10), (-10, -10), (12, 0), (0, -12)]:
+        flat, dark, product = _working_scene(kind, shift)
+        kept = preprocess._without_cast_shadow(dark, *preprocess._shadowy(flat, dark))
+        assert kept is not None, shift
+        assert _iou(kept, product) > max(0.85, _iou(dark, product) + 0.05), (shift, _iou(kept, product))
+
+
+@pytest.mark.parametrize("pale", [False, True])
+def test_a_product_without_a_shadow_loses_nothing_to_the_search(pale):
+    """No shadow, nothing removed: not from a textured product, nor from a pale, smooth one (a band of which
+    would score like a shadow: its edge with the sheet is sharp, a blurred shadow's is not)."""
+    for kind in ("dress", "trousers", "bag"):
+        flat, dark, _ = _working_scene(kind, None, pale)
+        assert preprocess._without_cast_shadow(dark, *preprocess._shadowy(flat, dark)) is None
+
+
+def _on_a_sheet(pixels: np.ndarray, shift: tuple[int, int] | None) -> bytes:
+    """A (28, 28) dataset image enlarged 8x (224 px) onto a white 360x360 sheet, as a JPEG, with the shadow it
+    casts (its outline moved by `shift` px and blurred by 4 % of its size, 40 % dark), or none."""
+    side = 8 * 28
+    ink = cv2.resize(pixels.astype(np.float32) / 255, (side, side), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    alpha = np.clip(ink * 8, 0, 1)
+    sheet = np.full((360, 360), 255.0, np.float32)
+    place = (slice(68, 68 + side), slice(68, 68 + side))
+    if shift is not None:
+        cast = np.zeros_like(sheet)
+        cast[68 + shift[0]:68 + shift[0] + side, 68 + shift[1]:68 + shift[1] + side] = alpha
+        sheet *= 1 - 0.4 * cv2.GaussianBlur(cast, (0, 0), 0.04 * side)
+    out = sheet.copy()
+    out[place] = alpha * (1 - 0.9 * ink) * 255 + (1 - alpha) * sheet[place]
+    return jpeg(Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), "L"), 92)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_products_lose_the_shadow_they_cast(real_dir, monkeypatch):
+    """200 test images photographed with a drop shadow (4-8 % of their size away, eight ways round) come out
+    closer to the same photo without the shadow than they do without the cast-shadow search, and photos
+    without a shadow come out exactly as they did before it."""
+    x, _ = data.load_split(real_dir, "test")
+    pick = np.random.default_rng(0).permutation(len(x))[:200]
+    rng = np.random.default_rng(1)
+    ways = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (0, 1), (0, -1), (-1, 0)]
+    search = preprocess._without_cast_shadow
+    likeness = {"with": [], "without": []}
+    unchanged = []
+    for n, i in enumerate(pick):
+        away = rng.uniform(0.04, 0.08) * 224
+        shadowed = _on_a_sheet(x[i], (round(away * ways[n % 8][0]), round(away * ways[n % 8][1])))
+        clean = {}
+        for name, fn in (("with", search), ("without", lambda *a: None)):
+            monkeypatch.setattr(preprocess, "_without_cast_shadow", fn)
+            clean[name] = preprocess.prepare(_on_a_sheet(x[i], None))[0]
+            likeness[name].append(_corr(preprocess.prepare(shadowed)[0], clean["with"]))
+        unchanged.append(np.array_equal(clean["with"], clean["without"]))
+    with_, without = np.array(likeness["with"]), np.array(likeness["without"])
+    assert with_.mean() > without.mean() + 0.02, (with_.mean(), without.mean())
+    assert (with_ > 0.95).mean() > (without > 0.95).mean() + 0.08
+    assert np.mean(unchanged) == 1.0
 
 
 def test_a_flattened_sheet_is_white_and_the_product_keeps_its_shades():

@@ -48,6 +48,14 @@ RING = 0.04  # of the shorter side: the outer band from which the background is 
 CONTRAST = 16.0  # levels of 255: the least a product pixel differs from the flattened background
 PART = 0.1  # of the largest part's area: a separate part kept as the product's (a sandal's straps)
 SOFT = 0.35  # of the product's strong edges (90th percentile of local contrast): a shadow's edges are softer
+CAST_SHIFT = 0.12  # of the dark region's longer side: the farthest a cast shadow is looked for from its product
+CAST_BLUR = (0.0, 0.02, 0.04, 0.07)  # of that side: how far a cast shadow's blur may reach beyond its outline
+CAST_DARK = 1.5  # a dark or sharp pixel removed as shadow costs this many light, smooth ones
+CAST_EDGE = 5.0  # ... and a pixel of the product's sharp edge with the sheet this many more
+CAST_LEAST = 0.01  # of the dark region: the least light, smooth area a cast shadow removes
+CAST_RIM = 0.3  # of the product's strong edges: the most mean contrast where what is removed meets the sheet
+CAST_OUTLINE = 0.1  # of the dark region's outline: the least that must be that soft for a shadow to be searched
+CAST_SIDE = 64  # px: the dark region's longer side on the copy where the shadow's offset is searched
 TILT = 15  # degrees: the most a product is turned to straighten it
 SYM = 32  # px: the side of the copy of the mask on which symmetry is measured
 SYM_TIE = 0.01  # of intersection over union: turns this close to the most symmetric count as ties
@@ -238,8 +246,9 @@ def photo(im: Image.Image) -> np.ndarray:
        so that from here on the product is darker than its background;
     4. the image divided by the surface: the background becomes white whatever its level and slope;
     5. the product: what is darker than white by more than CONTRAST levels and 4 standard deviations of the
-       border's noise, less a soft shadow (see _without_shadow), its largest connected part and the parts of
-       at least PART of its size; everything else becomes pure white;
+       border's noise, less the shadow it casts (its outline moved and blurred: see _without_cast_shadow),
+       then less what is left of a soft shadow the sheet reaches (see _without_shadow), its largest connected
+       part and the parts of at least PART of its size; everything else becomes pure white;
     6. straightened: turned by up to TILT degrees to the angle at which its box is smallest (garments and
        shoes are photographed square to the frame in the dataset);
     7. the paper's steps (section 2): trim to the product, resize the longest edge to 28 (area-averaged, not
@@ -266,7 +275,9 @@ def photo(im: Image.Image) -> np.ndarray:
         return np.zeros((SIZE, SIZE), np.uint8)
     flat = den * (255.0 / surface)  # (wh, ww) float32: the background near 255
     dark = flat < 255.0 - max(CONTRAST, 4 * sigma * 255.0 / max(float(surface.mean()), 1.0))
-    mask = _product(_without_shadow(flat, dark))
+    shadowy = _shadowy(flat, dark) if dark.any() else None
+    product = _without_cast_shadow(dark, *shadowy) if shadowy is not None else None
+    mask = _product(dark if shadowy is None else _without_shadow(product if product is not None else dark, *shadowy))
     if not mask.any():  # nothing darker than the background: a blank sheet
         return np.zeros((SIZE, SIZE), np.uint8)
     # the product's box (widened by the median's reach, which rounds corners) in the decoded image, area-
@@ -356,17 +367,22 @@ def _surface(coef: np.ndarray, h: int, w: int, window: tuple | None = None) -> n
     return np.maximum(c[0] + c[1] * u + c[3] * u * u + (c[2] + c[4] * u) * v + c[5] * v * v, np.float32(1))
 
 
-def _without_shadow(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
-    """`dark` less a soft shadow: the light (at most 50 % darker than the sheet), smooth part of it (local
-    contrast under SOFT of the product's strong edges) that the sheet reaches without crossing an edge.
+def _shadowy(flat: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """What a shadow on the sheet is made of, for a non-empty `dark`: its light (at most 50 % darker than the
+    sheet) and smooth pixels (local contrast under SOFT of the product's strong edges, their 90th percentile);
+    with the local contrast (a 3x3 morphological gradient) and that percentile."""
+    contrast = cv2.morphologyEx(flat.astype(np.float32), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+    strong = _percentile(contrast[dark], 90)
+    return (contrast < SOFT * strong) & (flat > 0.5 * 255), contrast, strong
+
+
+def _without_shadow(dark: np.ndarray, soft: np.ndarray, contrast: np.ndarray, strong: float) -> np.ndarray:
+    """`dark` less a soft shadow: the light, smooth part of it (`soft`, see _shadowy) that the sheet reaches
+    without crossing an edge.
 
     A leak through a gap in a faint product's outline would hollow out the product instead; it is told apart
     by where the removed part lies (mostly inside the convex hull of what is left), and then nothing is removed.
     """
-    if not dark.any():
-        return dark
-    contrast = cv2.morphologyEx(flat.astype(np.float32), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
-    soft = (contrast < SOFT * _percentile(contrast[dark], 90)) & (flat > 0.5 * 255)
     n, labels = cv2.connectedComponents((soft | ~dark).astype(np.uint8), connectivity=4)
     sheet = np.zeros(n, bool)  # the parts that touch the image's edge
     sheet[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
@@ -380,6 +396,77 @@ def _without_shadow(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
     edge = max(3, round(0.02 * max(dark.shape))) | 1  # the product's own soft outline is no leak: its hull less
     hull = cv2.erode(hull, np.ones((edge, edge), np.uint8))  # a band as wide as 2 % of the image
     return dark if (shadow & hull.astype(bool)).sum() > 0.5 * shadow.sum() else rest
+
+
+def _without_cast_shadow(dark: np.ndarray, soft: np.ndarray, contrast: np.ndarray,
+                         strong: float) -> np.ndarray | None:
+    """`dark` (not empty) less the shadow the product casts on the sheet, or None where none is found.
+
+    A cast shadow is the product's own outline, moved by an offset d and blurred by up to some radius r. Where
+    the dark region D is the product P and its shadow ((P grown by r) moved by d), every product pixel x has
+    the whole disc of radius r about x + d inside D (the shadow's copy of x), and a shadow pixel does not, save
+    in a hollow of the product that the shadow fills: the product is D eroded by that disc set at d. So each
+    (d, r) is tried, d within CAST_SHIFT of the region's size and r among CAST_BLUR of it, and scored by what it
+    would remove: light, smooth pixels (`soft`, see _shadowy) count for it, the others CAST_DARK times against,
+    and the product's sharp edge with the sheet CAST_EDGE times more (a disc wider than the shadow's blur would
+    eat the product's sides, where no shadow reaches). A light garment without a shadow would lose a smooth
+    band so: what is removed is taken for a shadow only where it fades into the sheet (mean local contrast
+    where it meets the sheet at most CAST_RIM of the product's strong edges), as a blurred shadow does and a
+    garment's edge does not. A region whose whole outline is sharp (under CAST_OUTLINE of it that soft: most
+    photos without a shadow) is not searched. What the search leaves, `photo` still passes to _without_shadow.
+
+    The search runs on a copy with the region CAST_SIDE pixels long, every offset at once (what each removes
+    is a cross-correlation, cv2.matchTemplate); the chosen erosion then on the working copy. Measured on the
+    photo benchmark: see RESULTS.md, Photos.
+    """
+    outline = dark & cv2.dilate((~dark).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    if np.count_nonzero(contrast[outline] <= CAST_RIM * strong) < CAST_OUTLINE * np.count_nonzero(outline):
+        return None
+    rows, cols = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    size = max(r1 - r0, c1 - c0)
+    k = max(1, -(-size // CAST_SIDE))  # working pixels per search pixel
+    reach = max(1, round(CAST_SHIFT * size / k))  # in search pixels
+    box = (slice(r0, r0 + max(k, (r1 - r0) // k * k)), slice(c0, c0 + max(k, (c1 - c0) // k * k)))
+    sharp = outline & (contrast > CAST_RIM * strong)  # the product's own edge with the sheet
+    light, other, edge = ((dark & soft)[box].astype(np.float32), (dark & ~soft)[box].astype(np.float32),
+                          sharp[box].astype(np.float32))
+    if k > 1:  # each search pixel: the shares of its working pixels
+        light, other, edge = (cv2.resize(a, (a.shape[1] // k, a.shape[0] // k), interpolation=cv2.INTER_AREA)
+                              for a in (light, other, edge))
+    d = light + other > 0.5
+    # removed at offset d: the sum over x of w(x) (1 - e(x + d)), e the region eroded by the disc; with one
+    # weight per pixel (the score's), that is a constant less one cross-correlation of e with the weights
+    weight = light - CAST_DARK * other - CAST_EDGE * edge
+    best, choice = 0.0, None
+    for blur in CAST_BLUR:
+        r = round(blur * size / k)
+        e = d if r == 0 else cv2.erode(d.astype(np.uint8), _disc(r)).astype(bool)
+        score = float(weight.sum()) - cv2.matchTemplate(np.pad(e, reach).astype(np.float32), weight, cv2.TM_CCORR)
+        score[reach, reach] = 0.0  # no offset: no shadow
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        if score[i, j] > best:
+            best, choice = float(score[i, j]), ((i - reach) * k, (j - reach) * k, round(blur * size))
+    if choice is None:
+        return None
+    dy, dx, r = choice
+    e = dark if r == 0 else cv2.erode(dark.astype(np.uint8), _disc(r)).astype(bool)
+    moved = np.zeros_like(e)  # moved(x) = e(x + d)
+    h, w = e.shape
+    moved[max(0, -dy):min(h, h - dy), max(0, -dx):min(w, w - dx)] = e[max(0, dy):min(h, h + dy),
+                                                                        max(0, dx):min(w, w + dx)]
+    kept = dark & moved
+    gone = dark & ~kept
+    rim = gone & outline  # where what is removed meets the sheet
+    if np.count_nonzero(gone & soft) < CAST_LEAST * np.count_nonzero(dark) or not rim.any() \
+            or float(contrast[rim].mean()) > CAST_RIM * strong:
+        return None
+    return kept
+
+
+@functools.lru_cache(maxsize=64)
+def _disc(r: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
 def _hull(mask: np.ndarray) -> np.ndarray:
