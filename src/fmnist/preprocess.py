@@ -434,14 +434,14 @@ def _without_cast_shadow(dark: np.ndarray, soft: np.ndarray, contrast: np.ndarra
     if k > 1:  # each search pixel: the shares of its working pixels
         light, other, edge = (cv2.resize(a, (a.shape[1] // k, a.shape[0] // k), interpolation=cv2.INTER_AREA)
                               for a in (light, other, edge))
-    d = light + other > 0.5
+    region = light + other > 0.5
     # removed at offset d: the sum over x of w(x) (1 - e(x + d)), e the region eroded by the disc; with one
     # weight per pixel (the score's), that is a constant less one cross-correlation of e with the weights
     weight = light - CAST_DARK * other - CAST_EDGE * edge
     best, choice = 0.0, None
     for blur in CAST_BLUR:
         r = round(blur * size / k)
-        e = d if r == 0 else cv2.erode(d.astype(np.uint8), _disc(r)).astype(bool)
+        e = region if r == 0 else cv2.erode(region.astype(np.uint8), _disc(r)).astype(bool)
         score = float(weight.sum()) - cv2.matchTemplate(np.pad(e, reach).astype(np.float32), weight, cv2.TM_CCORR)
         score[reach, reach] = 0.0  # no offset: no shadow
         i, j = np.unravel_index(int(np.argmax(score)), score.shape)
@@ -466,6 +466,7 @@ def _without_cast_shadow(dark: np.ndarray, soft: np.ndarray, contrast: np.ndarra
 
 @functools.lru_cache(maxsize=64)
 def _disc(r: int) -> np.ndarray:
+    """The disc of radius r as OpenCV's structuring element ((2r + 1) x (2r + 1))."""
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
