@@ -275,9 +275,7 @@ def photo(im: Image.Image) -> np.ndarray:
         return np.zeros((SIZE, SIZE), np.uint8)
     flat = den * (255.0 / surface)  # (wh, ww) float32: the background near 255
     dark = flat < 255.0 - max(CONTRAST, 4 * sigma * 255.0 / max(float(surface.mean()), 1.0))
-    shadowy = _shadowy(flat, dark) if dark.any() else None
-    product = _without_cast_shadow(dark, *shadowy) if shadowy is not None else None
-    mask = _product(dark if shadowy is None else _without_shadow(product if product is not None else dark, *shadowy))
+    mask = _product(_without_shadows(flat, dark))
     if not mask.any():  # nothing darker than the background: a blank sheet
         return np.zeros((SIZE, SIZE), np.uint8)
     # the product's box (widened by the median's reach, which rounds corners) in the decoded image, area-
@@ -365,6 +363,16 @@ def _surface(coef: np.ndarray, h: int, w: int, window: tuple | None = None) -> n
     u, v = (xs / w * 2 - 1).astype(np.float32)[None, :], (ys / h * 2 - 1).astype(np.float32)[:, None]
     c = coef.astype(np.float32)
     return np.maximum(c[0] + c[1] * u + c[3] * u * u + (c[2] + c[4] * u) * v + c[5] * v * v, np.float32(1))
+
+
+def _without_shadows(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
+    """`dark` less the shadow the product casts (_without_cast_shadow), then less what is left of a soft shadow
+    the sheet reaches (_without_shadow); both from one measure of what a shadow is made of (_shadowy)."""
+    if not dark.any():
+        return dark
+    made_of = _shadowy(flat, dark)
+    cast = _without_cast_shadow(dark, *made_of)
+    return _without_shadow(dark if cast is None else cast, *made_of)
 
 
 def _shadowy(flat: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
