@@ -360,25 +360,48 @@ def test_a_model_exported_before_calibration_still_predicts(trained_run, tmp_pat
     assert [(r["unsure"], r["ood_score"]) for r in recs] == [(False, None)] * 4
 
 
-@pytest.mark.parametrize("bar, kept", [(-1.0, True), (1.0, False)])  # a bar every run clears, and one none does
+@pytest.mark.parametrize("bar, kept, model, translate", [  # a bar every run clears, and one none does
+    (-1.0, True, "cnn", 1), (1.0, False, "cnn", 1), (-1.0, True, "mlp", 0)])
 def test_inference_keeps_test_time_augmentation_only_where_validation_says_it_pays(tiny_dir, tmp_path, monkeypatch,
-                                                                                   bar, kept):
+                                                                                   bar, kept, model, translate):
     from fmnist import train
     from fmnist.config import TrainConfig
 
     monkeypatch.setattr(calibrate, "TTA_GAIN", bar)
-    cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name="c", model="cnn", channels=[4, 8],
-                      tta=True, epochs=1, batch_size=64, val_size=100, plots=False, threads=1)
+    net = {"channels": [4, 8]} if model == "cnn" else {"hidden": [16]}
+    cfg = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path), name="c", model=model, translate=translate,
+                      tta=True, epochs=1, batch_size=64, val_size=100, plots=False, threads=1, **net)
     run = train.fit(cfg)
     s = run.summary
+    views = "six" if translate else "mirror"  # the shifted views only for a network trained on shifts
     assert s["inference_tta"] is kept and -1 <= s["tta_val_gain"] <= 1
+    assert s.get("inference_views") == (views if kept else None)
     assert ("test_accuracy_inference" in s) is not kept  # the test accuracy inference has, where it differs
     p = predict.Predictor(run.dir)
     x = _test_images(run.dir, 16)[0]
     model, _, _ = runs.load_model(run.dir)
     normalised = data.normalize(torch.from_numpy(x)[:, None])
     with torch.no_grad():
-        logits = models.tta_logits(model, normalised) if kept else model(normalised)
+        if not kept:
+            logits = model(normalised)
+        elif views == "mirror":
+            logits = (model(normalised) + model(normalised.flip(-1))) / 2
+        else:
+            logits = models.tta_logits(model, normalised)
     want = (logits / s["temperature"]).softmax(1).numpy()
     np.testing.assert_allclose(p.probabilities(x), want, atol=1e-5)
-    assert calibrate.Calibration.from_dict(runs.load_checkpoint(run.dir / "best.pt")["calibration"]).tta is kept
+    cal = calibrate.Calibration.from_dict(runs.load_checkpoint(run.dir / "best.pt")["calibration"])
+    assert cal.tta is kept and cal.views == (views if kept else None)
+
+
+def test_a_calibration_from_before_the_views_were_named_keeps_airbenchs_six():
+    from fmnist.config import TrainConfig
+
+    cfg = TrainConfig(tta=True, translate=0)  # today such a run would average the mirror alone
+    old = calibrate.Calibration(tta=True).to_dict()
+    assert "views" not in old
+    assert calibrate.Calibration.from_dict(old).inference_views(cfg) == "six"
+    assert calibrate.Calibration.from_dict({**old, "views": "mirror"}).inference_views(cfg) == "mirror"
+    assert calibrate.Calibration.from_dict({**old, "tta": False}).inference_views(cfg) == ""
+    with pytest.raises(ValueError, match="views"):
+        calibrate.Calibration.from_dict({**old, "views": "nine"})

@@ -267,6 +267,22 @@ def test_tta_is_the_hand_computed_mean():
         torch.testing.assert_close(models.tta_logits(model, x), want)
 
 
+def test_mirror_views_are_the_mean_of_the_image_and_its_mirror_and_follow_the_training_shifts():
+    from fmnist import models
+
+    torch.manual_seed(0)
+    model = models.create("mlp", hidden=[8], batch_norm=False).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(models.tta_logits(model, x, "mirror"), (model(x) + model(x.flip(-1))) / 2)
+        assert not torch.allclose(models.tta_logits(model, x, "mirror"), models.tta_logits(model, x, "six"))
+    assert models.views(TrainConfig(tta=False, translate=2)) == ""
+    assert models.views(TrainConfig(tta=True, translate=0)) == "mirror"
+    assert models.views(TrainConfig(tta=True, translate=2)) == "six"
+    with pytest.raises(ValueError, match="views"):
+        models.tta_logits(model, x, "nine")
+
+
 def test_linear_schedule_warms_up_then_falls_to_zero():
     cfg = TrainConfig(schedule="linear", warmup=0.2, lr=1.0)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)

@@ -205,6 +205,9 @@ class Calibration:
     # whether inference averages the test-time augmentation's views (None: as the run was validated, its config's
     # `tta`); False where they bought less than TTA_GAIN on validation. Everything above was fitted that way.
     tta: bool | None = None
+    # the views it averages where it keeps them (models.VIEWS; None: a run calibrated before the views followed the
+    # training's augmentation, whose views were airbench's six)
+    views: str | None = None
 
     def score(self, logits: torch.Tensor, taps: dict[str, torch.Tensor], method: str | None = None
               ) -> torch.Tensor:
@@ -235,7 +238,8 @@ class Calibration:
                 "mahalanobis": {k: {"whiten": v.whiten.contiguous(), "centres": v.centres.contiguous()}
                                 for k, v in self.mahalanobis.items()},
                 "scale": {k: [float(c), float(w)] for k, (c, w) in self.scale.items()},
-                "tails": {k: v.contiguous() for k, v in self.tails.items()}, "tta": self.tta}
+                "tails": {k: v.contiguous() for k, v in self.tails.items()}, "tta": self.tta,
+                **({"views": self.views} if self.views is not None else {})}
 
     @classmethod
     def from_dict(cls, d: object) -> Calibration:
@@ -279,17 +283,28 @@ class Calibration:
         tta = d.get("tta")
         if tta is not None and not isinstance(tta, bool):
             raise ValueError("its test-time augmentation setting is not true or false")
-        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails, tta)
+        views = d.get("views")
+        if views is not None and views not in ("mirror", "six"):
+            raise ValueError(f"its test-time views '{views}' are not mirror or six")
+        return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails, tta,
+                   views)
 
     def summary(self) -> dict:
         """The figures a person reads (summary.json, export metadata): no tensors."""
         return {"temperature": self.temperature, "ood_method": self.method, "ood_threshold": self.threshold,
-                **({"inference_tta": self.tta} if self.tta is not None else {})}
+                **({"inference_tta": self.tta} if self.tta is not None else {}),
+                **({"inference_views": self.views} if self.tta and self.views else {})}
 
     def uses_tta(self, trained_with: bool) -> bool:
         """Whether inference averages the test-time augmentation's views, for a run whose config says
         `trained_with`."""
         return trained_with if self.tta is None else self.tta and trained_with
+
+    def inference_views(self, cfg) -> str:
+        """The views inference averages for a run of config `cfg` ("": none; see models.tta_logits)."""
+        if not self.uses_tta(cfg.tta):
+            return ""
+        return self.views or "six"
 
 
 def _number(v: object) -> bool:

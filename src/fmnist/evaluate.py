@@ -24,12 +24,13 @@ from .config import TrainConfig
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False, tta: bool = False,
+def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: bool = False, tta: str | bool = "",
              bf16: bool = False, world: distributed.World = distributed.World(), features: bool = False):
     """(mean loss, accuracy) or, with return_predictions, (loss, acc, logits (N, classes)) and with `features`
-    also {tap: (N, D_tap)} after them (every tap of models.taps_and_logits); `tta`: see models.tta_logits;
-    `bf16`: the forward passes under bfloat16 autocast, as a bf16 run trains (a convnet with TTA validated in 2.2 s
-    instead of 4.7 s, to the same accuracy within 0.02 points, on a CPU with native bf16). With several processes,
+    also {tap: (N, D_tap)} after them (every tap of models.taps_and_logits); `tta`: the views (see
+    models.tta_logits; "": none); `bf16`: the forward passes under bfloat16 autocast, as a bf16 run trains (a
+    convnet with TTA validated in 2.2 s instead of 4.7 s, to the same accuracy within 0.02 points, on a CPU with
+    native bf16). With several processes,
     `loader` holds this rank's part of the split and the figures are all ranks' (the logits in the split's order)."""
     model.eval()
     loss_sum, correct, n, kept, feats = 0.0, 0, 0, [], []
@@ -39,7 +40,7 @@ def evaluate(model: nn.Module, loader: data.BatchLoader, return_predictions: boo
                 taps, logits = models.taps_and_logits(model, x, tta=tta)
                 feats.append({k: v.float().cpu() for k, v in taps.items()})
             else:
-                logits = models.tta_logits(model, x) if tta else model(x)
+                logits = models.tta_logits(model, x, tta) if tta else model(x)
             logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -95,12 +96,12 @@ def scores(model: nn.Module, cfg: TrainConfig, split: tuple[torch.Tensor, torch.
     loader = data.BatchLoader(x[part], y[part], BATCH, device=device)
     bf16 = devices.use_bf16(cfg.precision, device)
     if features:
-        loss, acc, logits, feats = evaluate(model, loader, tta=cfg.tta, bf16=bf16, world=world, features=True)
+        loss, acc, logits, feats = evaluate(model, loader, tta=models.views(cfg), bf16=bf16, world=world, features=True)
         return Scores(loss, acc, y, logits.softmax(1), logits, feats)
     if probabilities:
-        loss, acc, logits = evaluate(model, loader, True, tta=cfg.tta, bf16=bf16, world=world)
+        loss, acc, logits = evaluate(model, loader, True, tta=models.views(cfg), bf16=bf16, world=world)
         return Scores(loss, acc, y, logits.softmax(1), logits)
-    loss, acc = evaluate(model, loader, tta=cfg.tta, bf16=bf16, world=world)
+    loss, acc = evaluate(model, loader, tta=models.views(cfg), bf16=bf16, world=world)
     return Scores(loss, acc, y)
 
 
@@ -184,7 +185,7 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     cal = calibrate.Calibration(temperature, method, thresholds[method],
                                 {t: stats[t] for t in calibrate.needs(method)},
                                 every.scale if method == "combined" else {}, every.tails if method == "tails" else {},
-                                tta)
+                                tta, models.views(cfg) if tta else None)
     figures = {
         "val_ece": calibrate.calibration_error(val.probabilities, val.labels),
         "val_ece_calibrated": calibrate.calibration_error((val.logits / temperature).softmax(1), val.labels),

@@ -54,7 +54,7 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
                                "pip install 'fmnist[onnx]'.") from None
     model, cfg, ckpt = runs.load_model(run_dir)
     cal = runs.load_calibration(ckpt, run_dir / "best.pt")
-    wrapped = models.PixelClassifier(model, cal.uses_tta(cfg.tta), cal).eval()
+    wrapped = models.PixelClassifier(model, cal.inference_views(cfg), cal).eval()
     directory = data.locate(runs.data_dir_for(cfg.data_dir, data_dir))
     images = data.load_split(directory, "test")[0][:CHECK_IMAGES]
     pixels = images.astype(np.float32)

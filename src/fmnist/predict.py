@@ -184,7 +184,7 @@ class Predictor:
 
         model, cfg, ckpt = runs.load_model(path)
         cal = runs.load_calibration(ckpt, path)
-        self._use_module(model, data.CLASSES, devices.pick_device(device), tta=cal.uses_tta(cfg.tta), calibration=cal)
+        self._use_module(model, data.CLASSES, devices.pick_device(device), cal.inference_views(cfg), cal)
         try:  # the statistics must fit the network's features (a best.pt put together by hand might not)
             self._run_torch(np.zeros((1, SIZE, SIZE), np.float32))
         except RuntimeError:
@@ -200,7 +200,7 @@ class Predictor:
         if summary is not None:
             self.info["summary"] = summary
 
-    def _use_module(self, model, classes, device, tta: bool = False, calibration=None) -> None:
+    def _use_module(self, model, classes, device, tta: str = "", calibration=None) -> None:
         import torch
 
         from . import models
