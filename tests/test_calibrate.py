@@ -316,6 +316,12 @@ def test_an_old_run_without_calibration_still_predicts_evaluates_and_plots(run, 
 
     old = tmp_path / "old"
     shutil.copytree(run, old)
+    config = (old / "config.toml").read_text()
+    (old / "config.toml").write_text(config.replace("tta = true", "tta = false", 1))
+    for name in ("last.pt", "best.pt"):  # trained when the default had no test-time views
+        ckpt = runs.load_checkpoint(old / name)
+        ckpt["config"]["tta"] = False
+        runs.save_checkpoint(ckpt, old / name)
     ckpt = runs.load_checkpoint(old / "best.pt")
     del ckpt["calibration"]
     runs.save_checkpoint(ckpt, old / "best.pt")
@@ -392,6 +398,13 @@ def test_inference_keeps_test_time_augmentation_only_where_validation_says_it_pa
     np.testing.assert_allclose(p.probabilities(x), want, atol=1e-5)
     cal = calibrate.Calibration.from_dict(runs.load_checkpoint(run.dir / "best.pt")["calibration"])
     assert cal.tta is kept and cal.views == (views if kept else None)
+
+
+def test_a_checkpoint_from_before_test_time_augmentation_existed_trained_without_it(run):
+    ckpt = runs.load_checkpoint(run / "best.pt")
+    assert runs.checkpoint_config(ckpt, run).tta is True  # today's default
+    del ckpt["config"]["tta"]
+    assert runs.checkpoint_config(ckpt, run).tta is False
 
 
 def test_a_calibration_from_before_the_views_were_named_keeps_airbenchs_six():

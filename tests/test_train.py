@@ -276,6 +276,10 @@ def test_mirror_views_are_the_mean_of_the_image_and_its_mirror_and_follow_the_tr
     with torch.no_grad():
         torch.testing.assert_close(models.tta_logits(model, x, "mirror"), (model(x) + model(x.flip(-1))) / 2)
         assert not torch.allclose(models.tta_logits(model, x, "mirror"), models.tta_logits(model, x, "six"))
+        taps, logits = models.taps_and_logits(model, x, tta="mirror")  # the OOD score's features: the image's own
+        plain_taps, _ = models.taps_and_logits(model, x)
+        assert torch.equal(logits, models.tta_logits(model, x, "mirror"))
+        assert all(torch.equal(taps[k], plain_taps[k]) for k in plain_taps)
     assert models.views(TrainConfig(tta=False, translate=2)) == ""
     assert models.views(TrainConfig(tta=True, translate=0)) == "mirror"
     assert models.views(TrainConfig(tta=True, translate=2)) == "six"

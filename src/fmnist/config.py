@@ -113,9 +113,9 @@ class TrainConfig:
                                "float", ge=0, le=1)
     ema: float = _f(0.0, "decay per step of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
                           "validation, best.pt and the test use the average", "float", ge=0, lt=1)
-    tta: bool = _f(False, "test-time augmentation: validation and test average the logits of the image and its "
-                          "mirror (and of it shifted by 1 pixel, where the run trains on shifts); inference keeps "
-                          "them where they buy 0.1 point of validation accuracy", "bool")
+    tta: bool = _f(True, "test-time augmentation: validation and test average the logits of the image and its "
+                         "mirror (and of it shifted by 1 pixel, where the run trains on shifts); inference keeps "
+                         "them where they buy 0.1 point of validation accuracy", "bool")
     epoch_tta: bool = _f(True, "with --tta: validate each epoch with the views too (off: each epoch's validation "
                                "sees the plain images, a sixth of the work, and best.pt's accuracy with the views is "
                                "measured once, at the end)", "bool")

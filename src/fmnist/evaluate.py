@@ -293,9 +293,11 @@ def load_splits(cfg: TrainConfig, data_dir: str | None = None) -> data.Splits:
 
 def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = None,
                  device: str = "auto") -> dict[str, Any]:
-    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split, and its calibration:
-    the expected calibration error before and after the run's temperature (1 for a run trained before fmnist
-    calibrated: "calibrated" is then False) and the share of the split its OOD score marks unsure."""
+    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on a split, as training measured
+    it, and its calibration on the outputs inference gives (as summary.json's figures: without the test-time views
+    where validation said they buy too little, and then also "accuracy_inference"): the expected calibration
+    error before and after the run's temperature (1 for a run trained before fmnist calibrated: "calibrated" is
+    then False) and the share of the split its OOD score marks unsure."""
     model, cfg, ckpt = runs.load_model(path)
     cal = runs.load_calibration(ckpt, Path(path))
     dev = devices.pick_device(device)
@@ -303,16 +305,20 @@ def evaluate_run(path: str | Path, split: str = "test", data_dir: str | None = N
     images = splits.test if split == "test" else splits.val
     with devices.cpu_share():
         s = scores(model.to(dev), cfg, images, dev, probabilities=True, features=True)
+        dropped = cal.uses_tta(cfg.tta) != cfg.tta  # inference drops the views: its own outputs
+        out = scores(model, dataclasses.replace(cfg, tta=False), images, dev, probabilities=True, features=True) \
+            if dropped else s
     cm = s.confusion()
     recall = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
-    calibrated = (s.logits / cal.temperature).softmax(1)
-    unsure = None if cal.threshold is None else float((cal.score(s.logits, s.features) > cal.threshold).double()
-                                                      .mean())
+    calibrated = (out.logits / cal.temperature).softmax(1)
+    unsure = None if cal.threshold is None else float((cal.score(out.logits, out.features) > cal.threshold)
+                                                      .double().mean())
     classes = per_class(s.labels, s.probabilities.argmax(1))
     return dict(checkpoint=str(path), split=split, images=len(s.labels), epoch=ckpt.get("epoch"),
                 accuracy=s.accuracy, loss=s.loss, per_class_accuracy=dict(zip(data.CLASSES, recall)),
                 per_class=classes["per_class"], macro=classes["macro"], most_confused=classes["most_confused"],
                 confusion_matrix=cm.tolist(), calibrated="calibration" in ckpt, temperature=cal.temperature,
-                ece=calibrate.calibration_error(s.probabilities, s.labels),
+                **({"accuracy_inference": out.accuracy} if dropped else {}),
+                ece=calibrate.calibration_error(out.probabilities, out.labels),
                 ece_calibrated=calibrate.calibration_error(calibrated, s.labels), ood_method=cal.method,
                 ood_threshold=cal.threshold, unsure=unsure)

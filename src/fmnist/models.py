@@ -281,8 +281,11 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
     """({tap: (B, D_tap)}, (B, classes) logits) of normalised images x (B, 1, 28, 28): the features the OOD scores
     read. Taps: "pixels" (the normalised input, flattened), "first" (the first activation's output, averaged over
     space in a convnet), "penultimate" (what the last Linear layer takes). The logits are model(x)'s, and with
-    `tta` (the views: see tta_logits) tta_logits(model, x, tta)'s, to the bit (every output is averaged over the
-    views the same way, in its own dtype)."""
+    `tta` (the views: see tta_logits) tta_logits(model, x, tta)'s, to the bit. The taps are averaged over the six
+    views the same way, in their own dtype; with the mirror alone they are the image's own: averaged with its
+    mirror, a digit or a letter looks more symmetric, more like a garment, to a distance in pixels (the default
+    MLP with the mirror averaged everywhere marked 2.9-3.0 points fewer of benchmarks/ood.py's non-products
+    unsure)."""
     net = getattr(model, "net", None)
     if not isinstance(net, nn.Sequential) or not isinstance(net[-1], nn.Linear):
         raise ModelError(f"{type(model).__name__} does not end in a Linear layer, so it has no penultimate "
@@ -302,6 +305,9 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
                 outs.append(h.mean((2, 3)) if h.ndim == 4 else h)
         return (*outs, h)
 
+    if _views(tta) == "mirror":
+        out = run(x)
+        return dict(zip(wanted, out[:-1])), 0.5 * (out[-1] + model(x.flip(-1)))
     out = tta_logits(run, x, tta) if tta else run(x)
     return dict(zip(wanted, out[:-1])), out[-1]
 

@@ -279,8 +279,9 @@ def load_checkpoint(path: str | Path, kind: str = "best") -> dict:
 def checkpoint_config(ckpt: dict, path: Path) -> TrainConfig:
     """The resolved config saved in a checkpoint."""
     try:
-        # a run saved before outlier exposure existed trained without it
-        return resolve(config_mod.from_dict({"outlier_exposure": 0.0, **ckpt["config"]}, where=str(path)))
+        # a run saved before outlier exposure or test-time augmentation existed trained without them
+        return resolve(config_mod.from_dict({"outlier_exposure": 0.0, "tta": False, **ckpt["config"]},
+                                            where=str(path)))
     except (ConfigError, models.ModelError) as e:
         raise RunError(f"{path} holds a configuration fmnist cannot use: {e}") from None
 
