@@ -398,6 +398,10 @@ def test_inference_keeps_test_time_augmentation_only_where_validation_says_it_pa
     np.testing.assert_allclose(p.probabilities(x), want, atol=1e-5)
     cal = calibrate.Calibration.from_dict(runs.load_checkpoint(run.dir / "best.pt")["calibration"])
     assert cal.tta is kept and cal.views == (views if kept else None)
+    if views == "mirror":  # the answer averages the mirror; the OOD score reads the image alone
+        with torch.no_grad():
+            alone = models.PixelClassifier(model, "", cal)(torch.from_numpy(x).float())[1].numpy()
+        np.testing.assert_allclose(p.outputs(x)[1], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_from_before_test_time_augmentation_existed_trained_without_it(run):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import devices, distributed, evaluate, runs, train
+from fmnist import calibrate, devices, distributed, evaluate, runs, train
 from fmnist.config import TrainConfig
 
 
@@ -280,6 +280,7 @@ def test_mirror_views_are_the_mean_of_the_image_and_its_mirror_and_follow_the_tr
         plain_taps, _ = models.taps_and_logits(model, x)
         assert torch.equal(logits, models.tta_logits(model, x, "mirror"))
         assert all(torch.equal(taps[k], plain_taps[k]) for k in plain_taps)
+        assert torch.equal(taps[calibrate.OWN_LOGITS], model(x))  # what the energy reads: the image alone
     assert models.views(TrainConfig(tta=False, translate=2)) == ""
     assert models.views(TrainConfig(tta=True, translate=0)) == "mirror"
     assert models.views(TrainConfig(tta=True, translate=2)) == "six"

@@ -164,6 +164,15 @@ TAPS = ("pixels", "first", "penultimate")  # where features are taken: models.ta
 COMBINED = ("energy", "pixels", "first")  # the combined score's parts: the energy, and Mahalanobis of two taps
 
 
+OWN_LOGITS = "logits"  # a tap: the logits of the image alone, where the answer averages its mirror's too
+
+
+def ood_logits(logits: torch.Tensor, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits the OOD score reads: the image's own where the answer's average its mirror's (models.
+    taps_and_logits), else the answer's."""
+    return taps.get(OWN_LOGITS, logits)
+
+
 PARTS = {"msp": 1, "energy": 1, "mahalanobis": 1, "combined": 3, "tails": 3}  # the views of the input each reads
 
 
@@ -216,6 +225,7 @@ class Calibration:
         The one copy of the formula: evaluation, the benchmark and the exported model (PixelClassifier) call it.
         """
         method = method or self.method
+        logits = ood_logits(logits, taps)
         if method == "msp":
             return msp_score(logits, self.temperature)
         if method == "energy":

@@ -121,7 +121,8 @@ def mahalanobis_stats(model: nn.Module, cfg: TrainConfig, splits: data.Splits, d
     take = min(len(y), 2048 if small else calibrate.TRAIN_FEATURES)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[:take]
     train = scores(model, cfg, (x[pick], y[pick]), device, world, features=True)
-    return {tap: calibrate.fit_mahalanobis(f, train.labels, train.logits.shape[1]) for tap, f in train.features.items()}
+    return {tap: calibrate.fit_mahalanobis(f, train.labels, train.logits.shape[1]) for tap, f in train.features.items()
+            if tap in calibrate.TAPS}
 
 
 def ood_scores(cal: calibrate.Calibration, s: Scores) -> dict[str, torch.Tensor]:
@@ -140,7 +141,8 @@ def every_score(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device:
         val = scores(model, cfg, val_split(splits, small), device, world, features=True)
     every = calibrate.Calibration(calibrate.fit_temperature(val.logits, val.labels),
                                   mahalanobis=mahalanobis_stats(model, cfg, splits, device, world, small))
-    parts = {p: calibrate.energy_score(val.logits) if p == "energy" else every.mahalanobis_part(p, val.features)
+    own = calibrate.ood_logits(val.logits, val.features)
+    parts = {p: calibrate.energy_score(own) if p == "energy" else every.mahalanobis_part(p, val.features)
              for p in calibrate.COMBINED}
     every.scale = {p: calibrate.fit_scale(v) for p, v in parts.items()}
     every.tails = {p: calibrate.fit_tail(v) for p, v in parts.items()}

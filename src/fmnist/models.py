@@ -282,10 +282,12 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
     read. Taps: "pixels" (the normalised input, flattened), "first" (the first activation's output, averaged over
     space in a convnet), "penultimate" (what the last Linear layer takes). The logits are model(x)'s, and with
     `tta` (the views: see tta_logits) tta_logits(model, x, tta)'s, to the bit. The taps are averaged over the six
-    views the same way, in their own dtype; with the mirror alone they are the image's own: averaged with its
-    mirror, a digit or a letter looks more symmetric, more like a garment, to a distance in pixels (the default
-    MLP with the mirror averaged everywhere marked 2.9-3.0 points fewer of benchmarks/ood.py's non-products
-    unsure)."""
+    views the same way, in their own dtype. With the mirror alone the OOD score reads the image alone: the taps are
+    its own, and so are the logits its energy reads (tap calibrate.OWN_LOGITS), while the logits returned average
+    its mirror's too. Averaged with its mirror, a digit or a letter looks more like a garment: the default MLP
+    with the mirror in every part of its score marked 2.9-3.0 points fewer of benchmarks/ood.py's non-products
+    unsure, and with it in the energy alone the comparison on validation kept the energy, which lets strokes
+    through (benchmarks/RESULTS.md, Photos)."""
     net = getattr(model, "net", None)
     if not isinstance(net, nn.Sequential) or not isinstance(net[-1], nn.Linear):
         raise ModelError(f"{type(model).__name__} does not end in a Linear layer, so it has no penultimate "
@@ -307,7 +309,8 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
 
     if _views(tta) == "mirror":
         out = run(x)
-        return dict(zip(wanted, out[:-1])), 0.5 * (out[-1] + model(x.flip(-1)))
+        own = {**dict(zip(wanted, out[:-1])), calibrate.OWN_LOGITS: out[-1]}
+        return own, 0.5 * (out[-1] + model(x.flip(-1)))
     out = tta_logits(run, x, tta) if tta else run(x)
     return dict(zip(wanted, out[:-1])), out[-1]
 
@@ -352,7 +355,7 @@ class PixelClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalise(pixels)  # (N, 1, 28, 28)
-        if self.taps:
+        if self.taps or self.tta == "mirror":  # the score reads the image's own logits (see taps_and_logits)
             taps, logits = taps_and_logits(self.model, x, self.taps, self.tta)
             taps = {k: v.float() for k, v in taps.items()}
         else:
