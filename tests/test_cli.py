@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_sentence, idx_bytes, run_fmnist, synthetic
 
-from fmnist import cli
+from fmnist import cli, runs
 
 TINY = ["--hidden", "64,16", "--epochs", "2", "--batch-size", "64", "--val-size", "100", "--device", "cpu",
         "--no-plots", "--quiet"]
@@ -91,6 +91,9 @@ def test_train_then_evaluate(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out
     run = tmp_path / "r"
+    summary = runs.read_summary(run)  # the default averages the mirror where validation says it pays, and says so
+    assert ("answers average the mirror views" in out) is summary["inference_tta"]
+    assert ("answers without the test-time views" in out) is not summary["inference_tta"]
     saved = (run / "config.toml").read_text()
     assert "hidden = [64, 16]" in saved and "epochs = 2" in saved
     assert cli.main(["evaluate", str(run), "--json", "--data-dir", str(tiny_dir)]) == 0

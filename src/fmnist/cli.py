@@ -221,6 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"test accuracy {s['test_accuracy']:.4f} (best val {s['best_val_accuracy']:.4f} at epoch "
           f"{s['best_epoch']}), {s['wall_seconds']:.1f}s, {s['train_samples_per_second']} images/s on {s['device']}")
+    if "tta_val_gain" in s:  # whether predict and serve average the test-time views, and why
+        gain = f"{100 * s['tta_val_gain']:+.2f} points of validation accuracy"
+        print(f"answers average the {s['inference_views']} views ({gain})" if s.get("inference_tta") else
+              f"answers without the test-time views ({gain}): {s['test_accuracy_inference']:.4f} on the test set")
     print(f"run: {run.dir}")
     if report.is_file():
         print(f"report: {report}")

@@ -47,6 +47,8 @@ CAPTIONS = {
 def _cards(summary: dict) -> str:
     items = [
         ("test accuracy", f"{100 * summary['test_accuracy']:.2f}%" if "test_accuracy" in summary else "not tested"),
+        *([("test accuracy as answered (no views)", f"{100 * summary['test_accuracy_inference']:.2f}%")]
+          if "test_accuracy_inference" in summary else []),
         ("best validation accuracy", f"{100 * summary['best_val_accuracy']:.2f}%"),
         ("best epoch", f"{summary['best_epoch']} / {summary['epochs']}"),
         ("wall time", f"{summary.get('wall_seconds', 0):.1f} s"),
