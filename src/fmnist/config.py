@@ -117,8 +117,8 @@ class TrainConfig:
                          "mirror (and of it shifted by 1 pixel, where the run trains on shifts); inference keeps "
                          "them where they buy 0.1 point of validation accuracy", "bool")
     epoch_tta: bool = _f(True, "with --tta: validate each epoch with the views too (off: each epoch's validation "
-                               "sees the plain images, a sixth of the work, and best.pt's accuracy with the views is "
-                               "measured once, at the end)", "bool")
+                               "sees the plain images, a sixth of the work with six views, and best.pt's accuracy "
+                               "with the views is measured once, at the end)", "bool")
     precision: str = _f("fp32", "bf16 is autocast with fp32 weights: faster where the hardware computes bfloat16 "
                                 "(AVX-512 BF16, AMX or a recent GPU), far slower where it does not; auto: bf16 "
                                 "where it is native, else fp32", "str", choices=PRECISIONS)
