@@ -13,7 +13,8 @@ a tilt of up to 12 degrees either way; sensor noise (sigma 6 in each channel); l
 sheet from 250 to 200 (a cosine ramp in any direction); a light product on a dark table (15-60, textured).
 
 The photos go through `Predictor.predict` (preprocess auto, as `fmnist predict`), and each condition's accuracy
-is printed beside the raw images' accuracy on the same test images. `--no-straighten` turns preprocess's
+is printed beside the raw images' accuracy on the same test images, with the expected calibration error of
+the answers (15 bins). `--no-straighten` turns preprocess's
 straightening off, to measure what it does. Measured results, the command and the machine: RESULTS.md, Photos.
 """
 
@@ -183,21 +184,32 @@ def main() -> None:
     pick = np.random.default_rng(args.seed).permutation(len(y))[: args.images]
     x, y = x[pick], y[pick]
     p = predict.Predictor(run_dir)
-    raw = p.probabilities(x).argmax(1) == y
+    raw_probs = p.probabilities(x)
+    raw = raw_probs.argmax(1) == y
     work = Path(args.work or tempfile.mkdtemp(prefix="fmnist-photos-"))
     print(f"{len(y)} {args.split} images per condition, model {run_dir}; CPU: {cpu()}")
     print(f"command: python {' '.join(sys.argv)}\n")
-    print("| condition | accuracy through Predictor | against raw | chosen |")
-    print("| --- | ---: | ---: | --- |")
-    print(f"| raw 28x28 {args.split} images | {raw.mean():.1%} | | |")
+    print("| condition | accuracy through Predictor | against raw | ECE (15 bins) | chosen |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    print(f"| raw 28x28 {args.split} images | {raw.mean():.1%} | | {ece(raw_probs, y):.1%} | |")
     for condition in args.conditions.split(","):
         paths = write(work / condition, x, condition, args.seed)
-        recs = p.predict(paths, preprocess="auto")
+        recs = p.predict(paths, preprocess="auto", top_k=len(p.classes))
         right = np.array([r.get("index", -1) for r in recs]) == y
+        probs = np.array([[{t["label"]: t["probability"] for t in r["top"]}[c] for c in p.classes] for r in recs])
         chosen = {c: sum(r.get("preprocess") == c for r in recs) for c in ("photo", "dataset")}
         shown = ", ".join(f"{k} {v}" for k, v in chosen.items() if v)
-        print(f"| {condition} | {right.mean():.1%} | {100 * (right.mean() - raw.mean()):+.1f} | {shown} |",
-              flush=True)
+        print(f"| {condition} | {right.mean():.1%} | {100 * (right.mean() - raw.mean()):+.1f} | "
+              f"{ece(probs, y):.1%} | {shown} |", flush=True)
+
+
+def ece(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Expected calibration error (15 bins) of the answers as predict gives them (calibrated probabilities)."""
+    import torch
+
+    from fmnist import calibrate
+
+    return calibrate.calibration_error(torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels))
 
 
 if __name__ == "__main__":

@@ -402,6 +402,21 @@ def test_inference_keeps_test_time_augmentation_only_where_validation_says_it_pa
         with torch.no_grad():
             alone = models.PixelClassifier(model, "", cal)(torch.from_numpy(x).float())[1].numpy()
         np.testing.assert_allclose(p.outputs(x)[1], alone, rtol=1e-5, atol=1e-5)
+    # a photo's input, centred and scaled by preprocessing, is answered with six views at their own temperature
+    # where the run's own views are the mirror (kept or not); its score is the same as any input's
+    assert cal.photo_views == ("six" if views == "mirror" else None)
+    assert s.get("photo_views") == cal.photo_views
+    photos = np.arange(len(x)) % 2 == 0
+    both, scores = p.outputs(x, photos)
+    if views == "mirror":
+        with torch.no_grad():
+            six = models.tta_logits(model, normalised, "six")
+        np.testing.assert_allclose(both[photos], (six / cal.photo_temperature).softmax(1).numpy()[photos], atol=1e-5)
+        assert cal.photo_temperature == s["photo_temperature"] > 0
+    else:
+        np.testing.assert_allclose(both[photos], want[photos], atol=1e-5)
+    np.testing.assert_allclose(both[~photos], want[~photos], atol=1e-5)
+    np.testing.assert_allclose(scores, p.outputs(x)[1], rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_from_before_test_time_augmentation_existed_trained_without_it(run):
@@ -422,3 +437,40 @@ def test_a_calibration_from_before_the_views_were_named_keeps_airbenchs_six():
     assert calibrate.Calibration.from_dict({**old, "tta": False}).inference_views(cfg) == ""
     with pytest.raises(ValueError, match="views"):
         calibrate.Calibration.from_dict({**old, "views": "nine"})
+
+
+def test_predict_answers_a_photo_with_its_own_views_and_a_dataset_image_with_the_run_s(run, tmp_path, capsys):
+    from PIL import Image
+
+    x, _ = _test_images(run, 1)
+    cal = calibrate.Calibration.from_dict(runs.load_checkpoint(run / "best.pt")["calibration"])
+    assert cal.photo_views == "six"  # the tiny run averages the mirror
+    raw, shot = tmp_path / "raw.png", tmp_path / "shot.png"
+    Image.fromarray(x[0]).save(raw)
+    Image.fromarray(255 - np.kron(x[0], np.ones((8, 8), np.uint8))).save(shot)  # dark on white, 224 px: a photo
+    p = predict.Predictor(run)
+    # the tiny run is sure of everything: a photo temperature of 10,000 makes the photo path's answers all but
+    # uniform, so that which path answered shows
+    p.photo_classifier.temperature = 1e4
+    recs = p.predict([raw, shot], top_k=10)
+    assert [r["preprocess"] for r in recs] == ["dataset", "photo"]
+    assert recs[0]["probability"] > 0.5 and recs[1]["probability"] < 0.11
+    inputs = np.stack([predict.prepare(raw)[0], predict.prepare(shot)[0]]).astype(np.float32)
+    plain, as_photo = p.outputs(inputs), p.outputs(inputs, np.array([False, True]))
+    for rec, probs in zip(recs, as_photo[0]):
+        assert {t["label"]: t["probability"] for t in rec["top"]} == pytest.approx(
+            dict(zip(p.classes, probs.astype(float))), abs=1e-6)
+    assert [r["ood_score"] for r in recs] == pytest.approx(list(plain[1]), abs=1e-3)  # the score: the image's own
+
+
+def test_a_damaged_photo_calibration_is_refused_and_an_old_one_answers_photos_as_any_input():
+    good = calibrate.Calibration(photo_views="six", photo_temperature=1.2).to_dict()
+    back = calibrate.Calibration.from_dict(good)
+    assert (back.photo_views, back.photo_temperature) == ("six", 1.2)
+    for bad in ({"photo_views": "seven"}, {"photo_temperature": -1.0}, {"photo_temperature": "hot"}):
+        with pytest.raises(ValueError, match="photos"):
+            calibrate.Calibration.from_dict({**good, **bad})
+    old = calibrate.Calibration().to_dict()
+    assert "photo_views" not in old and calibrate.Calibration.from_dict(old).photo_views is None
+    with pytest.raises(ValueError, match="photos"):
+        models.PixelClassifier(models.create("mlp"), "", calibrate.Calibration(), photo=True)

@@ -364,9 +364,9 @@ class Held:
     def __init__(self, batcher: serve.Batcher):
         self.batcher, self.go = batcher, threading.Event()
 
-    async def outputs(self, pixels: np.ndarray):
+    async def outputs(self, pixels: np.ndarray, photo: np.ndarray | None = None):
         await asyncio.to_thread(self.go.wait, 10)
-        return await self.batcher.outputs(pixels)
+        return await self.batcher.outputs(pixels, photo)
 
 
 def test_the_page_says_classifying_and_never_shows_a_stale_answer(page, live, shirt):

@@ -217,6 +217,12 @@ class Calibration:
     # the views it averages where it keeps them (models.VIEWS; None: a run calibrated before the views followed the
     # training's augmentation, whose views were airbench's six)
     views: str | None = None
+    # the views a photo's answer averages (None: as any other input's), and their temperature (fitted on the
+    # validation split with those views): where the run's own views are the mirror alone, a photo's input is
+    # centred and scaled by preprocessing, not registered as the dataset's images are, and averaging 1-pixel
+    # shifts too answered 1.1 points more photos right under every condition (benchmarks/RESULTS.md, Photos)
+    photo_views: str | None = None
+    photo_temperature: float | None = None
 
     def score(self, logits: torch.Tensor, taps: dict[str, torch.Tensor], method: str | None = None
               ) -> torch.Tensor:
@@ -249,7 +255,9 @@ class Calibration:
                                 for k, v in self.mahalanobis.items()},
                 "scale": {k: [float(c), float(w)] for k, (c, w) in self.scale.items()},
                 "tails": {k: v.contiguous() for k, v in self.tails.items()}, "tta": self.tta,
-                **({"views": self.views} if self.views is not None else {})}
+                **({"views": self.views} if self.views is not None else {}),
+                **({"photo_views": self.photo_views, "photo_temperature": float(self.photo_temperature)}
+                   if self.photo_views else {})}
 
     @classmethod
     def from_dict(cls, d: object) -> Calibration:
@@ -296,14 +304,19 @@ class Calibration:
         views = d.get("views")
         if views is not None and views not in ("mirror", "six"):
             raise ValueError(f"its test-time views '{views}' are not mirror or six")
+        photo_views, photo_t = d.get("photo_views"), d.get("photo_temperature")
+        if photo_views is not None and (photo_views not in ("mirror", "six") or not (_number(photo_t) and photo_t > 0)):
+            raise ValueError("its views for photos or their temperature are damaged")
         return cls(float(t), method, None if threshold is None else float(threshold), stats, scale, tails, tta,
-                   views)
+                   views, photo_views, None if photo_views is None else float(photo_t))
 
     def summary(self) -> dict:
         """The figures a person reads (summary.json, export metadata): no tensors."""
         return {"temperature": self.temperature, "ood_method": self.method, "ood_threshold": self.threshold,
                 **({"inference_tta": self.tta} if self.tta is not None else {}),
-                **({"inference_views": self.views} if self.tta and self.views else {})}
+                **({"inference_views": self.views} if self.tta and self.views else {}),
+                **({"photo_views": self.photo_views, "photo_temperature": self.photo_temperature}
+                   if self.photo_views else {})}
 
     def uses_tta(self, trained_with: bool) -> bool:
         """Whether inference averages the test-time augmentation's views, for a run whose config says

@@ -149,6 +149,24 @@ def every_score(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device:
     return every, val
 
 
+PHOTO_VIEWS = "six"  # the views a photo's answer averages where the run's own are the mirror alone
+
+
+def photo_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
+                      world: distributed.World = distributed.World(), small: bool = False
+                      ) -> tuple[str | None, float | None]:
+    """The views a photo's answer averages and their temperature on the validation split, for a run trained with
+    the mirror as its only test-time view (calibrate.Calibration.photo_views); (None, None) for any other."""
+    if models.views(cfg) != "mirror":
+        return None, None
+    x, y = val_split(splits, small)
+    part = distributed.shard(len(y), world.rank, world.size)
+    loader = data.BatchLoader(x[part], y[part], BATCH, device=device)
+    logits = evaluate(model, loader, True, tta=PHOTO_VIEWS, bf16=devices.use_bf16(cfg.precision, device),
+                      world=world)[2]
+    return PHOTO_VIEWS, calibrate.fit_temperature(logits, y)
+
+
 def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, device: torch.device,
                     world: distributed.World = distributed.World(), small: bool = False
                     ) -> tuple[calibrate.Calibration, dict[str, Any]]:
@@ -166,7 +184,7 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     validation accuracy with the views). `small`: a dry run's few images. Every rank takes part; all get the same
     result.
     """
-    tta, gain, val, views_figure = cfg.tta, None, None, {}
+    tta, gain, val, views_figure, trained = cfg.tta, None, None, {}, cfg
     if cfg.tta:  # both evaluations with features: the one inference keeps is the calibration's validation
         split, plain_cfg = val_split(splits, small), dataclasses.replace(cfg, tta=False)
         views = scores(model, cfg, split, device, world, features=True)
@@ -184,10 +202,11 @@ def fit_calibration(model: nn.Module, cfg: TrainConfig, splits: data.Splits, dev
     caught = {m: float((other[m] > thresholds[m]).double().mean()) for m in calibrate.METHODS}
     aurocs = {m: calibrate.auroc(real[m], other[m]) for m in calibrate.METHODS}
     method = calibrate.choose(caught, aurocs, sum(len(v) for v in sets.values()))
+    photo_views, photo_t = photo_calibration(model, trained, splits, device, world, small)
     cal = calibrate.Calibration(temperature, method, thresholds[method],
                                 {t: stats[t] for t in calibrate.needs(method)},
                                 every.scale if method == "combined" else {}, every.tails if method == "tails" else {},
-                                tta, models.views(cfg) if tta else None)
+                                tta, models.views(cfg) if tta else None, photo_views, photo_t)
     figures = {
         "val_ece": calibrate.calibration_error(val.probabilities, val.labels),
         "val_ece_calibrated": calibrate.calibration_error((val.logits / temperature).softmax(1), val.labels),

@@ -121,17 +121,18 @@ def parse_target(target: str | int | None, classes: tuple[str, ...]) -> int | No
                        f"to {len(classes) - 1}.")
 
 
-def attribute(p: Predictor, pixels: np.ndarray, method: str = "ig", targets: np.ndarray | int | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attribute(p: Predictor, pixels: np.ndarray, method: str = "ig", targets: np.ndarray | int | None = None,
+              photos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, 28, 28) pixels 0-255 -> ((N, 28, 28) attributions, (N,) targets, (N, classes) probabilities).
 
     targets: one class for all, one per image, or None for each image's predicted class. The probabilities are
-    p.outputs()'s, the very numbers fmnist predict reports."""
+    p.outputs()'s, the very numbers fmnist predict reports; `photos` (N,) bool: the inputs made from photos,
+    explained as predict answers them (Predictor.photo_classifier)."""
     if method not in METHODS:
         raise PredictError(f"unknown method '{method}': choose one of {', '.join(METHODS)}.")
     p = predictor(p)
     x = np.ascontiguousarray(np.asarray(pixels, np.float32).reshape(-1, SIZE, SIZE))
-    probs = p.outputs(x)[0]
+    probs = p.outputs(x, photos)[0]
     if targets is None:
         t = probs.argmax(1)
     else:
@@ -140,10 +141,18 @@ def attribute(p: Predictor, pixels: np.ndarray, method: str = "ig", targets: np.
             raise PredictError(f"a target must be a class index from 0 to {len(p.classes) - 1}.")
     if not len(x):
         return np.zeros((0, SIZE, SIZE), np.float32), t.astype(np.int64), probs
-    return _captum(p, x, method, t), t.astype(np.int64), probs
+    t = t.astype(np.int64)
+    if photos is None or p.photo_classifier is None or not np.any(photos):
+        return _captum(p.pixel_classifier, x, method, t), t, probs
+    of = np.asarray(photos, bool).reshape(-1)
+    a = np.zeros(x.shape, np.float32)
+    for rows, module in ((~of, p.pixel_classifier), (of, p.photo_classifier)):
+        if rows.any():
+            a[rows] = _captum(module, np.ascontiguousarray(x[rows]), method, t[rows])
+    return a, t, probs
 
 
-def _captum(p: Predictor, x: np.ndarray, method: str, targets: np.ndarray) -> np.ndarray:
+def _captum(module: Any, x: np.ndarray, method: str, targets: np.ndarray) -> np.ndarray:
     import torch
 
     try:
@@ -151,7 +160,6 @@ def _captum(p: Predictor, x: np.ndarray, method: str, targets: np.ndarray) -> np
     except ImportError:
         raise PredictError("explaining a model needs Captum: pip install 'fmnist[explain]'.") from None
 
-    module = p.pixel_classifier
     device = next(module.parameters()).device
     inputs = torch.from_numpy(x).to(device).requires_grad_()
     target = torch.from_numpy(targets).to(device)
@@ -185,18 +193,19 @@ def explain(model: Any, images: Any, method: str = "ig", target: str | int | Non
     if preprocess not in PREPROCESS:
         raise PredictError(f"unknown preprocessing '{preprocess}'; choose one of {', '.join(PREPROCESS)}.")
     if isinstance(images, np.ndarray) and images.shape[-2:] == (SIZE, SIZE) and images.ndim in (2, 3):
-        pixels = images.reshape(-1, SIZE, SIZE)
+        pixels, photo = images.reshape(-1, SIZE, SIZE), None
     else:
         if isinstance(images, (str, Path, bytes, np.ndarray)) or not isinstance(images, Iterable):
             images = [images]  # one image (an array here is one picture of any size, not a batch)
         prepared = []
         for item in images:
             try:
-                prepared.append(prepare(item, preprocess)[0])
+                prepared.append(prepare(item, preprocess))
             except ImageError as e:
                 raise ImageError(f"{_name(item) or 'an image'}: {e}") from None
-        pixels = np.stack(prepared) if prepared else np.zeros((0, SIZE, SIZE), np.uint8)
-    a, t, probs = attribute(p, pixels, method, parse_target(target, p.classes))
+        pixels = np.stack([px for px, _ in prepared]) if prepared else np.zeros((0, SIZE, SIZE), np.uint8)
+        photo = np.array([chosen == "photo" for _, chosen in prepared], bool)
+    a, t, probs = attribute(p, pixels, method, parse_target(target, p.classes), photo)
     shown = np.clip(np.asarray(pixels, np.float64).round(), 0, 255).astype(np.uint8)
     return Explanation(method, tuple(p.classes), shown, a, t, probs)
 
@@ -218,7 +227,7 @@ def iter_explain(p: Predictor, items: list[Any], method: str = "ig", target: str
         if not batch:
             return
         pixels = np.stack([b[1] for b in batch])
-        a, t, probs = attribute(p, pixels, method, k)
+        a, t, probs = attribute(p, pixels, method, k, np.array([b[2] == "photo" for b in batch]))
         e = Explanation(method, tuple(p.classes), pixels, a, t, probs)
         for i, (item, px, chosen) in enumerate(batch):
             yield {"file": _name(item), "preprocess": chosen, **e.record(i), "pixels": px}

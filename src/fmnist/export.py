@@ -61,7 +61,8 @@ def export(run: str | Path, fmt: str = "onnx", data_dir: str | None = None) -> d
     with torch.inference_mode():
         expected, expected_scores = (t.numpy() for t in wrapped(torch.from_numpy(pixels)))
     meta = {"model": cfg.model, "config": dataclasses.asdict(cfg), "epoch": ckpt["epoch"],
-            "calibration": cal.summary(),
+            # one path for every input: a run directory's Predictor also answers photos with their own views
+            "calibration": {k: v for k, v in cal.summary().items() if not k.startswith("photo_")},
             "input": "pixels: (N, 28, 28) float32, 0-255, a light object on black",
             "output": "probabilities: (N, classes) float32, calibrated; ood_score: (N,) float32, higher is less "
                       "like a Fashion-MNIST product, unsure above calibration.ood_threshold"}

@@ -277,7 +277,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, views: str | bool = "six") -> 
 
 
 def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = calibrate.TAPS,
-                    tta: str | bool = "") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                    tta: str | bool = "", own: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({tap: (B, D_tap)}, (B, classes) logits) of normalised images x (B, 1, 28, 28): the features the OOD scores
     read. Taps: "pixels" (the normalised input, flattened), "first" (the first activation's output, averaged over
     space in a convnet), "penultimate" (what the last Linear layer takes). The logits are model(x)'s, and with
@@ -287,7 +287,8 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
     its mirror's too. Averaged with its mirror, a digit or a letter looks more like a garment: the default MLP
     with the mirror in every part of its score marked 2.9-3.0 points fewer of benchmarks/ood.py's non-products
     unsure, and with it in the energy alone the comparison on validation kept the energy, which lets strokes
-    through (benchmarks/RESULTS.md, Photos)."""
+    through (benchmarks/RESULTS.md, Photos). `own`: the same with any views (a photo's answer averages six views,
+    its score reads the image alone, as the run's mirror-view answers do: see PixelClassifier's `photo`)."""
     net = getattr(model, "net", None)
     if not isinstance(net, nn.Sequential) or not isinstance(net[-1], nn.Linear):
         raise ModelError(f"{type(model).__name__} does not end in a Linear layer, so it has no penultimate "
@@ -307,10 +308,12 @@ def taps_and_logits(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...] = c
                 outs.append(h.mean((2, 3)) if h.ndim == 4 else h)
         return (*outs, h)
 
-    if _views(tta) == "mirror":
+    if own or _views(tta) == "mirror":
         out = run(x)
-        own = {**dict(zip(wanted, out[:-1])), calibrate.OWN_LOGITS: out[-1]}
-        return own, 0.5 * (out[-1] + model(x.flip(-1)))
+        alone = {**dict(zip(wanted, out[:-1])), calibrate.OWN_LOGITS: out[-1]}
+        if not tta:
+            return alone, out[-1]
+        return alone, 0.5 * (out[-1] + model(x.flip(-1))) if _views(tta) == "mirror" else tta_logits(model, x, tta)
     out = tta_logits(run, x, tta) if tta else run(x)
     return dict(zip(wanted, out[:-1])), out[-1]
 
@@ -325,12 +328,18 @@ class PixelClassifier(nn.Module):
     max-softmax score.
     """
 
-    def __init__(self, model: nn.Module, tta: str | bool = "", calibration: calibrate.Calibration | None = None):
+    def __init__(self, model: nn.Module, tta: str | bool = "", calibration: calibrate.Calibration | None = None,
+                 photo: bool = False):
         super().__init__()
         # tta: the views, as the calibration says (Calibration.inference_views): where validation found them worth
-        # their cost
-        self.model, self.tta = model, _views(tta)
+        # their cost. `photo`: the classifier of inputs made from photos (Calibration.photo_views): its answers
+        # average those views, at their own temperature, and its score is the image's alone, as the run's own
+        self.model, self.tta, self.photo = model, _views(tta), photo
         cal = calibration or calibrate.Calibration()
+        if photo and not cal.photo_views:
+            raise ValueError("this calibration has no views for photos")
+        # the answers' temperature; the OOD score keeps the run's (max-softmax reads it; its threshold was fitted so)
+        self.tta, self.temperature = (cal.photo_views, cal.photo_temperature) if photo else (self.tta, cal.temperature)
         self.taps = calibrate.needs(cal.method)
         for tap in self.taps:  # the statistics as buffers: they follow .to(device) and are constants in an export
             self.register_buffer(f"whiten_{tap}", cal.mahalanobis[tap].whiten.clone())
@@ -350,13 +359,13 @@ class PixelClassifier(nn.Module):
         where the run uses it): the probabilities forward() gives are their softmax; explain.py attributes them."""
         x = self.normalise(pixels)
         logits = (tta_logits(self.model, x, self.tta) if self.tta else self.model(x)).float()
-        t = self.calibration.temperature
+        t = self.temperature
         return logits / t if t != 1.0 else logits
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalise(pixels)  # (N, 1, 28, 28)
-        if self.taps or self.tta == "mirror":  # the score reads the image's own logits (see taps_and_logits)
-            taps, logits = taps_and_logits(self.model, x, self.taps, self.tta)
+        if self.taps or self.tta == "mirror" or self.photo:  # the score reads the image's own logits (see
+            taps, logits = taps_and_logits(self.model, x, self.taps, self.tta, own=self.photo)  # taps_and_logits)
             taps = {k: v.float() for k, v in taps.items()}
         else:
             taps, logits = {}, tta_logits(self.model, x, self.tta) if self.tta else self.model(x)
@@ -364,7 +373,7 @@ class PixelClassifier(nn.Module):
         cal = dataclasses.replace(self.calibration, mahalanobis={
             tap: calibrate.Mahalanobis(getattr(self, f"whiten_{tap}"), getattr(self, f"centres_{tap}"))
             for tap in self.taps}, tails={part: getattr(self, f"tail_{part}") for part in self.tail_parts})
-        t = cal.temperature
+        t = self.temperature
         return torch.softmax(logits / t if t != 1.0 else logits, dim=1), cal.score(logits, taps)
 
 

@@ -126,11 +126,12 @@ class Batcher:
             self.waiting -= size
             if self.watch:
                 self.watch.queue.set(self.waiting)
-            x = np.concatenate([pixels for pixels, _ in waiting])
+            x = np.concatenate([pixels for pixels, _, _ in waiting])
+            photo = np.concatenate([made for _, made, _ in waiting])
             try:
-                probs, scores = await asyncio.to_thread(self.predictor.outputs, x)
+                probs, scores = await asyncio.to_thread(self.predictor.outputs, x, photo)
             except Exception as e:  # a bug: every waiting request gets it as a 500
-                for _, future in waiting:
+                for _, _, future in waiting:
                     if not future.done():
                         future.set_exception(e)
                 continue
@@ -139,18 +140,21 @@ class Batcher:
             if self.watch:
                 self.watch.model_call(len(x))
             start = 0
-            for pixels, future in waiting:
+            for pixels, _, future in waiting:
                 if not future.done():  # its client may have gone
                     part = slice(start, start + len(pixels))
                     future.set_result((probs[part], None if scores is None else scores[part]))
                 start += len(pixels)
 
-    async def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(calibrated probabilities, out-of-distribution scores or None) of these images, as Predictor.outputs."""
+    async def outputs(self, pixels: np.ndarray, photo: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, out-of-distribution scores or None) of these images, as Predictor.outputs
+        (`photo`: which were made from photos)."""
         if self.waiting + len(pixels) > self.max_queue:
             raise Busy(f"{self.waiting} images are waiting for the model")
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((pixels, future))
+        made = np.zeros(len(pixels), bool) if photo is None else np.asarray(photo, bool).reshape(-1)
+        self.queue.put_nowait((pixels, made, future))
         self.waiting += len(pixels)
         if self.watch:
             self.watch.queue.set(self.waiting)
@@ -482,7 +486,8 @@ def _prepare_uploads(uploads: list[tuple[str, bytes]], max_pixels: int, how: str
 async def _classify(served: Served, batcher: Batcher, prepared: list[tuple[np.ndarray, str]],
                     names: list[str | None], top_k: int, with_input: bool) -> list[dict[str, Any]]:
     try:
-        probs, scores = await batcher.outputs(np.stack([p for p, _ in prepared]))
+        probs, scores = await batcher.outputs(np.stack([p for p, _ in prepared]),
+                                              np.array([chosen == "photo" for _, chosen in prepared]))
     except Busy:
         raise HTTPException(503, "the model is busy: too many images are waiting; try again in a second",
                             headers={"Retry-After": "1"}) from None
@@ -548,7 +553,8 @@ async def explain_files(request: Request, served: ServedDep, file: Files, method
     prepared = await _read_uploads(request, file, preprocess)
     pixels = np.stack([px for px, _ in prepared])
     # gradients in a worker thread, one request at a time: a convnet's 50 IG steps take a while on a CPU
-    a, t, probs = await anyio.to_thread.run_sync(explain.attribute, served.predictor, pixels, method, k,
+    photo = np.array([chosen == "photo" for _, chosen in prepared])
+    a, t, probs = await anyio.to_thread.run_sync(explain.attribute, served.predictor, pixels, method, k, photo,
                                                  limiter=request.app.state.explainers)
     e = explain.Explanation(method, tuple(served.predictor.classes), pixels, a, t, probs)
     records = [{"file": f.filename, "preprocess": chosen, **e.record(i), "input": pixels[i].tolist()}
