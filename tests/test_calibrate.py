@@ -3,6 +3,7 @@ and every output (Predictor, export, `fmnist predict`, `fmnist evaluate`) that a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -403,12 +404,15 @@ def test_inference_keeps_test_time_augmentation_only_where_validation_says_it_pa
             alone = models.PixelClassifier(model, "", cal)(torch.from_numpy(x).float())[1].numpy()
         np.testing.assert_allclose(p.outputs(x)[1], alone, rtol=1e-5, atol=1e-5)
     # a photo's input, centred and scaled by preprocessing, is answered with six views at their own temperature
-    # where the run's own views are the mirror (kept or not); its score is the same as any input's
-    assert cal.photo_views == ("six" if views == "mirror" else None)
+    # where the run's own views are the mirror (kept or not) and they buy accuracy on the validation images
+    # reframed as a photo's are; its score is the same as any input's
+    assert ("photo_views_val_gain" in s) is (views == "mirror")
+    photo_kept = views == "mirror" and s["photo_views_val_gain"] > calibrate.PHOTO_GAIN
+    assert cal.photo_views == ("six" if photo_kept else None)
     assert s.get("photo_views") == cal.photo_views
     photos = np.arange(len(x)) % 2 == 0
     both, scores = p.outputs(x, photos)
-    if views == "mirror":
+    if photo_kept:
         with torch.no_grad():
             six = models.tta_logits(model, normalised, "six")
         np.testing.assert_allclose(both[photos], (six / cal.photo_temperature).softmax(1).numpy()[photos], atol=1e-5)
@@ -439,12 +443,40 @@ def test_a_calibration_from_before_the_views_were_named_keeps_airbenchs_six():
         calibrate.Calibration.from_dict({**old, "views": "nine"})
 
 
+@pytest.mark.parametrize("bar, kept", [(-1.0, True), (1.0, False)])
+def test_a_photo_s_views_are_kept_only_where_the_reframed_validation_images_say_they_pay(run, monkeypatch, bar,
+                                                                                         kept):
+    monkeypatch.setattr(calibrate, "PHOTO_GAIN", bar)
+    model, cfg, _ = runs.load_model(run)
+    splits = data.load(cfg.data_dir, cfg.val_size, cfg.split_seed)
+    views, temperature, gain = evaluate.photo_calibration(model, cfg, splits, torch.device("cpu"))
+    assert -1 <= gain <= 1 and (views == "six") is kept and (temperature is not None and temperature > 0) is kept
+    six = dataclasses.replace(cfg, translate=2)  # a run that averages six views already gets none for photos
+    assert evaluate.photo_calibration(model, six, splits, torch.device("cpu")) == (None, None, None)
+
+
+def test_reframing_a_dataset_image_trims_rescales_and_centres_it_as_a_photo_s_input():
+    from fmnist import preprocess
+
+    x = np.zeros((28, 28), np.uint8)
+    x[4:20, 10:16] = 200  # a product off centre, 16 rows tall
+    again = preprocess.reframed(x)
+    rows, cols = np.flatnonzero(again.max(1) > 100), np.flatnonzero(again.max(0) > 100)
+    assert rows[-1] - rows[0] + 1 >= 26  # its longest edge fills the 28 pixels, as a photo's would
+    assert abs((cols[0] + cols[-1]) / 2 - 13.5) <= 1 and abs(again.astype(int).max() - 200) <= 30
+    assert preprocess.reframed(np.zeros((28, 28), np.uint8)).max() == 0  # nothing in, nothing out
+
+
 def test_predict_answers_a_photo_with_its_own_views_and_a_dataset_image_with_the_run_s(run, tmp_path, capsys):
     from PIL import Image
 
+    run = Path(shutil.copytree(run, tmp_path / "r"))
+    ckpt = runs.load_checkpoint(run / "best.pt")  # photo views whatever the tiny run's validation said of them
+    ckpt["calibration"].update(photo_views="six", photo_temperature=1.5)
+    runs.save_checkpoint(ckpt, run / "best.pt")
     x, _ = _test_images(run, 1)
     cal = calibrate.Calibration.from_dict(runs.load_checkpoint(run / "best.pt")["calibration"])
-    assert cal.photo_views == "six"  # the tiny run averages the mirror
+    assert cal.photo_views == "six"
     raw, shot = tmp_path / "raw.png", tmp_path / "shot.png"
     Image.fromarray(x[0]).save(raw)
     Image.fromarray(255 - np.kron(x[0], np.ones((8, 8), np.uint8))).save(shot)  # dark on white, 224 px: a photo

@@ -608,6 +608,18 @@ def _sharpen(a: np.ndarray) -> np.ndarray:
     return cv2.filter2D(np.asarray(a, np.float64), -1, _SHARPEN, borderType=cv2.BORDER_REPLICATE).reshape(a.shape)
 
 
+def reframed(pixels: np.ndarray, enlarge: int = 4) -> np.ndarray:
+    """A dataset image (28, 28) uint8 as `photo` gives back a photo of it on plain white paper: enlarged `enlarge`
+    times, dark on white, trimmed, then the paper's steps (resized by area, sharpened, centred): registered as a
+    photo's input is, not as the dataset's images are. evaluate.photo_calibration measures photo views on them."""
+    crop = (255 - np.kron(np.asarray(pixels, np.uint8), np.ones((enlarge, enlarge), np.uint8))).astype(np.float32)
+    ink = crop < 255 - CONTRAST
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size:
+        crop = crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return _paper_steps(crop)
+
+
 def dataset_like(im: Image.Image) -> np.ndarray:
     """An image that already looks like Fashion-MNIST -> greyscale, longest edge 28, centred on black."""
     g = im.convert("L")
