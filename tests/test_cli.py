@@ -94,6 +94,8 @@ def test_train_then_evaluate(tiny_dir, tmp_path, capsys):
     summary = runs.read_summary(run)  # the default averages the mirror where validation says it pays, and says so
     assert ("answers average the mirror views" in out) is summary["inference_tta"]
     assert ("answers without the test-time views" in out) is not summary["inference_tta"]
+    assert ("photos are answered with six views" in out) is ("photo_views" in summary)  # ... and for photos
+    assert ("photos are answered as any other image" in out) is ("photo_views" not in summary)
     saved = (run / "config.toml").read_text()
     assert "hidden = [64, 16]" in saved and "epochs = 2" in saved
     assert cli.main(["evaluate", str(run), "--json", "--data-dir", str(tiny_dir)]) == 0

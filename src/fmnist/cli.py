@@ -225,6 +225,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         gain = f"{100 * s['tta_val_gain']:+.2f} points of validation accuracy"
         print(f"answers average the {s['inference_views']} views ({gain})" if s.get("inference_tta") else
               f"answers without the test-time views ({gain}): {s['test_accuracy_inference']:.4f} on the test set")
+    if "photo_views_val_gain" in s:  # whether a photo's input is answered with its own views, and why
+        gain = f"{100 * s['photo_views_val_gain']:+.2f} points on validation images reframed as photos"
+        print(f"photos are answered with {s['photo_views']} views ({gain})" if s.get("photo_views") else
+              f"photos are answered as any other image (six views: {gain})")
     print(f"run: {run.dir}")
     if report.is_file():
         print(f"report: {report}")
