@@ -334,12 +334,13 @@ class PixelClassifier(nn.Module):
         # tta: the views, as the calibration says (Calibration.inference_views): where validation found them worth
         # their cost. `photo`: the classifier of inputs made from photos (Calibration.photo_views): its answers
         # average those views, at their own temperature, and its score is the image's alone, as the run's own
-        self.model, self.tta, self.photo = model, _views(tta), photo
+        self.model, self.photo = model, photo
         cal = calibration or calibrate.Calibration()
         if photo and not cal.photo_views:
             raise ValueError("this calibration has no views for photos")
         # the answers' temperature; the OOD score keeps the run's (max-softmax reads it; its threshold was fitted so)
-        self.tta, self.temperature = (cal.photo_views, cal.photo_temperature) if photo else (self.tta, cal.temperature)
+        self.tta, self.temperature = (cal.photo_views, cal.photo_temperature) if photo else (_views(tta),
+                                                                                             cal.temperature)
         self.taps = calibrate.needs(cal.method)
         for tap in self.taps:  # the statistics as buffers: they follow .to(device) and are constants in an export
             self.register_buffer(f"whiten_{tap}", cal.mahalanobis[tap].whiten.clone())

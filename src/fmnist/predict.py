@@ -334,20 +334,14 @@ class Predictor:
         self.batch_size. The scores are None for a model exported before fmnist calibrated. `photos`: (N,) bool,
         the inputs preprocess made from photos (answered by photo_classifier where there is one)."""
         x = np.asarray(pixels, dtype=np.float32).reshape(-1, SIZE, SIZE)
-        if photos is not None and self.photo_classifier is not None and np.any(photos):
-            of = np.asarray(photos, bool).reshape(-1)
-            if of.all():
-                return self._outputs(x, True)
-            probs, scores = self._outputs(x[~of], False)
-            p_probs, p_scores = self._outputs(x[of], True)
-            out_probs = np.empty((len(x), probs.shape[1]), probs.dtype)
-            out_probs[~of], out_probs[of] = probs, p_probs
-            if scores is None:
-                return out_probs, None
-            out_scores = np.empty(len(x), scores.dtype)
-            out_scores[~of], out_scores[of] = scores, p_scores
-            return out_probs, out_scores
-        return self._outputs(x, False)
+        if photos is None or self.photo_classifier is None or not np.any(photos):
+            return self._outputs(x, False)
+        order = np.argsort(np.asarray(photos, bool).reshape(-1), kind="stable")  # the other inputs, then the photos
+        others = len(x) - int(np.count_nonzero(photos))
+        (probs, scores), (p_probs, p_scores) = (self._outputs(x[order[:others]], False),
+                                                self._outputs(x[order[others:]], True))
+        back = np.argsort(order)  # each input's row in the two parts, in the order it came
+        return np.concatenate([probs, p_probs])[back], np.concatenate([scores, p_scores])[back]
 
     def _outputs(self, x: np.ndarray, of_photos: bool) -> tuple[np.ndarray, np.ndarray | None]:
         run = (lambda b: self._run_torch(b, True)) if of_photos else self._run
