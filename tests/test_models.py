@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist import config, models
+from fmnist import config, data, models
 from fmnist.errors import ModelError
 
 
@@ -149,6 +149,42 @@ def test_a_strided_stem_leaves_nothing_but_its_conv_at_full_size():
     assert models.macs_per_image(pool) - models.macs_per_image(stride) == first - 14 * 14 * 32 * 16
     with pytest.raises(ModelError, match="takes no 'stem'"):
         models.create("mlp", stem="stride")
+
+
+def test_a_whitening_stem_has_no_padding_and_starts_as_the_patches_whitening():
+    gen = torch.Generator().manual_seed(0)
+    # images with a structure (ramps of random slope) and noise: patches of correlated pixels
+    ramp = torch.linspace(0, 180, 28).repeat(28, 1)
+    images = (ramp * torch.rand(200, 1, 1, generator=gen) + 60 * torch.rand(200, 28, 28, generator=gen))
+    images = images.clamp(0, 255).to(torch.uint8)
+    m = models.create("cnn", stem="whiten")
+    conv = m.net[0]
+    assert conv.weight.shape == (32, 1, 3, 3) and conv.padding == (0, 0) and conv.weight.requires_grad
+    before = conv.weight.detach().clone()
+    models.whiten_stem(m, images)
+    w = conv.weight.detach().reshape(32, 9).double()
+    assert torch.allclose(w[9:18], -w[:9])
+    assert torch.equal(conv.weight.detach()[18:], before[18:])  # a 3x3 patch has 9 directions; the rest keep theirs
+    # whitening: the first 9 filters' outputs over every patch are decorrelated, each of about unit variance
+    x = ((images.double() / 255 - data.MEAN) / data.STD).unsqueeze(1)
+    out = nn.functional.conv2d(x, conv.weight.double())
+    assert out.shape[-2:] == (26, 26)
+    out = out[:, :9].permute(1, 0, 2, 3).reshape(9, -1)
+    assert torch.allclose(torch.cov(out), torch.eye(9, dtype=torch.float64), atol=0.03)
+    norms = w[:9].norm(dim=1)
+    assert torch.all(norms[1:] >= norms[:-1])  # the directions of most variance first (the least scaled)
+
+    sizes = []
+    for layer in m.net:
+        if isinstance(layer, nn.Conv2d):
+            layer.register_forward_hook(lambda mod, i, o: sizes.append(o.shape[-1]))
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sizes == [26, 13, 13, 6, 6, 3]  # every layer after the first on fewer pixels than 28 -> 14 -> 7 -> 3
+    assert models.macs_per_image(m) < 0.85 * models.macs_per_image(models.create("cnn"))
+    narrow = models.create("cnn", channels=[16, 32], stem="whiten")
+    models.whiten_stem(narrow, images)
+    w = narrow.net[0].weight.detach().reshape(16, 9)
+    assert torch.equal(w[8:], -w[:8]) and narrow(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("name", models.names())

@@ -312,6 +312,38 @@ def test_bf16_and_channels_last_train_a_convnet_that_loads_anywhere(tiny_dir, tm
     assert predict.Predictor(run.dir).probabilities(x).shape == (2, 10)
 
 
+def test_a_whitening_stem_starts_from_the_training_images_and_resumes_to_the_same_weights(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    from fmnist import models
+
+    cfg = tiny_config(tiny_dir, tmp_path / "whole", model="cnn", hidden=None, channels=[4, 8], track_neurons=None,
+                      epochs=3, stem="whiten")
+    splits = evaluate.load_splits(cfg)
+    model = train.new_model(cfg, torch.device("cpu"), images=splits.train[0])
+    want = models.create("cnn", channels=[4, 8], stem="whiten")
+    models.whiten_stem(want, splits.train[0][: train.WHITEN_IMAGES])
+    w = model.net[0].weight.detach()
+    assert torch.equal(w, want.net[0].weight.detach()) and torch.equal(w[2:], -w[:2])
+    with pytest.raises(train.TrainError, match="training images"):
+        train.new_model(cfg, torch.device("cpu"))
+
+    whole = train.fit(cfg)
+    real, calls = runs.write_history, {"n": 0}
+
+    def dies_on_third(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after last.pt of epoch 2
+            raise KeyboardInterrupt
+        real(*a)
+
+    monkeypatch.setattr(runs, "write_history", dies_on_third)
+    with pytest.raises(train.Interrupted):
+        train.fit(dataclasses.replace(cfg, out_dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(runs, "write_history", real)
+    resumed = train.fit(TrainConfig(), resume=tmp_path / "cut" / "run")
+    assert_same_weights(weights(whole.dir), weights(resumed.dir))
+
+
 def test_plain_epoch_validation_measures_the_views_once_at_the_end(tiny_dir, tmp_path):
     cfg = tiny_config(tiny_dir, tmp_path, model="cnn", hidden=None, channels=[4, 8], track_neurons=None, epochs=2,
                       tta=True, epoch_tta=False)

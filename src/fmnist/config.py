@@ -37,7 +37,7 @@ SCHEDULES = ("plateau", "onecycle", "cosine", "linear", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = ("xavier", "xavier_normal", "kaiming", "normal", "default")  # models.init_weights applies them
-STEMS = ("pool", "stride")  # cnn: how models.CNN's first block halves the image
+STEMS = ("pool", "stride", "whiten")  # cnn: how models.CNN's first block halves the image
 # name -> its torch.nn module, which models.py builds (the names live here so that `--help` needs no torch)
 ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "tanh": "Tanh", "sigmoid": "Sigmoid",
                "leaky_relu": "LeakyReLU"}
@@ -86,7 +86,8 @@ class TrainConfig:
                                      "default 0)", "float", ge=0, lt=1)
     batch_norm: bool | None = _f(None, "batch normalisation in hidden layers (default on)", "bool")
     stem: str | None = _f(None, "cnn: how the first block halves the 28 pixels: pool (a 3x3 conv, then 2x2 "
-                                "max-pool; default) or stride (one 4x4 conv of stride 2: less work at 28x28)", "str",
+                                "max-pool; default), stride (one 4x4 conv of stride 2: less work at 28x28) or whiten "
+                                "(the 3x3 conv without padding, started as a patch whitening: 26 -> 13 pixels)", "str",
                           choices=STEMS)
     init: str = _f("xavier", "weight init", "str", choices=INITS)
     init_std: float = _f(0.01, "standard deviation of the 'normal' init", "float", gt=0)

@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .errors import Interrupted, RunError, TrainError
 
 DRY_RUN_BATCHES = 5  # train batches per epoch in --dry-run (validation gets 2)
+WHITEN_IMAGES = 1_000  # a whitening stem's covariance: 676,000 patches of 9 pixels, 49 MB in float64
 DIVERGED = 1e4  # a mean loss above this has diverged even where it stays finite (the loss starts near ln 10)
 BF16_NOTE = ("note: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX): --precision bf16 trains "
              "correctly but far slower than fp32 here (a convnet: about 10x slower on an AVX2-only machine)")
@@ -528,10 +529,17 @@ def _resume_state(run_dir: Path) -> tuple[dict, TrainConfig]:
     return state, cfg
 
 
-def new_model(cfg: TrainConfig, device: torch.device, world: distributed.World = distributed.World()) -> nn.Module:
-    """`cfg`'s network, initialised from `cfg.seed` as every training starts it, on `device` in its memory format."""
+def new_model(cfg: TrainConfig, device: torch.device, world: distributed.World = distributed.World(),
+              images: torch.Tensor | None = None) -> nn.Module:
+    """`cfg`'s network, initialised from `cfg.seed` as every training starts it, on `device` in its memory format.
+    A whitening stem is set from the first WHITEN_IMAGES of the uint8 training `images`."""
     torch.manual_seed(cfg.seed)
-    model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std).to(device)
+    model = models.init_weights(runs.build_model(cfg), cfg.init, cfg.init_std)
+    if cfg.stem == "whiten":
+        if images is None:
+            raise TrainError("a whitening stem needs the training images to be set from.")
+        models.whiten_stem(model, images[:WHITEN_IMAGES])
+    model = model.to(device)
     if world.size > 1 and device.type == "cuda":  # batch statistics over all ranks' images (no CPU kernel)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -565,7 +573,7 @@ def build(cfg: TrainConfig, run_dir: Path, world: distributed.World, splits: dat
           teacher: nn.Module | None) -> Training:
     """A new training's state: the initialised network, its optimiser, schedule, EMA and loaders."""
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    model = new_model(cfg, device, world)
+    model = new_model(cfg, device, world, splits.train[0])
     loader = train_loader(cfg, *splits.train, device, world)
     step, schedule = make_step(cfg, model, len(loader), epochs, device, teacher, world)
     wrapped = distributed.ddp(model) if world.size > 1 else model
@@ -586,7 +594,7 @@ def train_arrays(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, d
     if cfg.teacher or cfg.compile:
         raise TrainError("training on given images takes no --teacher and no --compile.")
     epochs = min(cfg.epochs, 2) if cfg.dry_run else cfg.epochs
-    model = new_model(cfg, device)
+    model = new_model(cfg, device, images=images)
     loader = train_loader(cfg, images, labels, device)
     step, schedule = make_step(cfg, model, len(loader), epochs, device)
     for epoch in range(1, epochs + 1):
