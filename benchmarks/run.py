@@ -87,10 +87,8 @@ def tutorial(name: str, model: torch.nn.Module, splits: data.Splits, epochs: int
 def preset_runs(name: str, seeds: list[int], out: Path, teacher: Path | None, data_dir: str | None) -> dict:
     runs_ = []
     for seed in seeds:
-        cfg = config.preset(name)
-        bf16 = devices.use_bf16(cfg.precision, devices.pick_device(cfg.device))
-        cfg = config.preset(name, fp32=not bf16)  # the recipe `fmnist train --preset` takes here
-        cfg = config.from_dict({"seed": seed, "out_dir": str(out), "name": f"{name}-s{seed}", "plots": False}, cfg)
+        cfg = config.from_dict({"seed": seed, "out_dir": str(out), "name": f"{name}-s{seed}", "plots": False},
+                               config.preset(name))
         if cfg.teacher and teacher is not None:
             cfg = config.from_dict({"teacher": str(teacher)}, cfg)
         curve: list[tuple[float, float]] = []
@@ -98,12 +96,11 @@ def preset_runs(name: str, seeds: list[int], out: Path, teacher: Path | None, da
         def record(row: dict, t0: float = time.perf_counter(), curve: list = curve) -> None:
             curve.append((time.perf_counter() - t0, row["val_acc"]))
 
-        run = train.fit(cfg, data_dir=data_dir, echo=lambda s: None, on_epoch=record,
-                        recipe=config.recipe(name, bf16))
+        run = train.fit(cfg, data_dir=data_dir, echo=lambda s: None, on_epoch=record)
         s = run.summary
         print(f"  {name} seed {seed}: test {s['test_accuracy']:.4f}  val {s['best_val_accuracy']:.4f}  "
               f"wall {s['wall_seconds']:.1f} s", flush=True)
-        runs_.append({"seed": seed, "dir": str(run.dir), "curve": curve, "recipe": s.get("recipe", ""),
+        runs_.append({"seed": seed, "dir": str(run.dir), "curve": curve,
                       **{k: s[k] for k in (
             "test_accuracy", "best_val_accuracy", "best_epoch", "epochs", "wall_seconds", "parameters",
             "macs_per_image")}})
@@ -140,11 +137,10 @@ def bare(model: torch.nn.Module):
 def step_gflops(preset: str) -> dict:
     """The training step's images/s and achieved GFLOP/s (6 x forward multiply-adds per image) at the preset's
     model, batch, precision and memory format."""
-    cfg = config.preset(preset)
-    bf16 = devices.use_bf16(cfg.precision, torch.device("cpu"))
     from fmnist import runs
 
-    cfg = runs.resolve(config.preset(preset, fp32=not bf16))  # the recipe this machine trains
+    cfg = runs.resolve(config.preset(preset))
+    bf16 = devices.use_bf16(cfg.precision, torch.device("cpu"))
     model = models.init_weights(runs.build_model(cfg), cfg.init).train()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -232,7 +228,7 @@ def report(res: dict, target: float, block: str) -> str:
     for p in res["presets"]:
         r = p["runs"]
         per_seed = ", ".join(f"{100 * x['test_accuracy']:.2f}" for x in r)
-        recipe = f" ({r[0]['recipe']} recipe)" if r[0].get("recipe") else ""
+        recipe = f" ({r[0]['recipe']} recipe)" if r[0].get("recipe") else ""  # results of a former two-recipe cnn-fast
         lines.append(f"| {p['name']}{recipe} | {len(r)} | {pct([x['test_accuracy'] for x in r])} | {per_seed} | "
                      f"{pct([x['best_val_accuracy'] for x in r])} | "
                      f"{min(x['wall_seconds'] for x in r):.0f}-{max(x['wall_seconds'] for x in r):.0f} | "

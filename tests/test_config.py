@@ -145,17 +145,3 @@ def test_describe_reads_the_bounds():
     assert config.describe("weight_decay") == "at least 0"
     assert config.describe("hidden") == "a list of at most 32 values, each from 1 to 65536"
     assert config.describe("teacher") == ""
-
-
-@pytest.mark.parametrize("name", [n for n in config.presets() if config.fp32_recipe(n)])
-def test_a_presets_fp32_recipe_loads_validates_and_changes_what_it_says(name):
-    bf16, fp32 = config.preset(name).validate(), config.preset(name, fp32=True).validate()
-    changes = config.fp32_recipe(name)
-    assert changes and all(getattr(fp32, k) == v for k, v in changes.items())
-    assert any(getattr(bf16, k) != v for k, v in changes.items())  # a table that changes nothing is no recipe
-    assert config.recipe(name, bf16=True) == "bf16" and config.recipe(name, bf16=False) == "fp32"
-
-
-def test_cnn_fast_has_an_fp32_recipe_and_one_recipe_presets_say_nothing():
-    assert config.fp32_recipe("cnn-fast")  # tuned to bf16's speed: it needs one for CPUs without native bf16
-    assert config.recipe("mlp-fast", bf16=False) == "" and config.fp32_recipe("mlp-fast") == {}

@@ -116,32 +116,13 @@ def config_from_args(args: argparse.Namespace, refuse: dict[str, str] | None = N
     for name, why in (refuse or {}).items():
         if name in flags:
             raise ConfigError(f"{args.command} does not take --{name.replace('_', '-')}: {why}.")
-    cfg = _layers(args, flags, fp32=False)
-    args.recipe = ""  # which of the preset's recipes the run takes ("" for a preset with one): summary.json
-    if args.preset is not None and config_mod.fp32_recipe(args.preset):
-        bf16 = _computes_bf16(cfg)
-        args.recipe = config_mod.recipe(args.preset, bf16)
-        if not bf16:  # the preset's fp32 table joins its layer: --config and flags still win over it
-            cfg = _layers(args, flags, fp32=True)
-    return cfg
-
-
-def _layers(args: argparse.Namespace, flags: dict[str, Any], fp32: bool) -> TrainConfig:
     cfg = TrainConfig()
     if args.preset is not None:
-        cfg = config_mod.preset(args.preset, cfg, fp32)
+        cfg = config_mod.preset(args.preset, cfg)
     if args.config is not None:
         cfg = config_mod.load(args.config, cfg)
         cfg = dataclasses.replace(cfg, name=unicodedata.normalize("NFC", cfg.name))
     return config_mod.from_dict(flags, cfg, where="flags").validate()
-
-
-def _recipe_words(name: str, cfg: TrainConfig | None = None) -> str:
-    """What preset `name`'s fp32 recipe changes, in words: "fp32 recipe (no native bfloat16 here): epochs 10, ...";
-    with the run's `cfg`, what it changes that --config and flags left as it says."""
-    table = {k: v for k, v in config_mod.fp32_recipe(name).items() if cfg is None or getattr(cfg, k) == v}
-    changes = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in table.items())
-    return f"fp32 recipe (no native bfloat16 here): {changes or 'every field of it overridden'}"
 
 
 def _computes_bf16(cfg: TrainConfig) -> bool:
@@ -151,10 +132,11 @@ def _computes_bf16(cfg: TrainConfig) -> bool:
     return devices.use_bf16(cfg.precision, devices.pick_device(cfg.device))
 
 
-def _recipes_here() -> dict[str, str]:
-    """Preset -> the recipe a plain `fmnist train --preset NAME` takes on this machine, for presets with two."""
-    return {name: config_mod.recipe(name, _computes_bf16(config_mod.preset(name)))
-            for name in config_mod.presets() if config_mod.fp32_recipe(name)}
+def _precision_here() -> dict[str, str]:
+    """Preset -> what a plain `fmnist train --preset NAME` computes in on this machine, for the presets whose
+    precision is "auto" (bf16 autocast where the CPU or GPU computes bfloat16 natively, else fp32)."""
+    return {name: "bf16" if _computes_bf16(cfg) else "fp32"
+            for name in config_mod.presets() if (cfg := config_mod.preset(name)).precision == "auto"}
 
 
 def _echo(args: argparse.Namespace):
@@ -195,8 +177,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   "lr-find first and give its rate with --lr.")
             del args.lr
         cfg = config_from_args(args)
-        if args.recipe == config_mod.FP32 and os.environ.get("RANK", "0") == "0":
-            _echo(args)(f"{args.preset}: {_recipe_words(args.preset, cfg)}")
         if auto and args.nproc not in (None, 1):
             raise ConfigError("--lr auto is not run on several processes (each would sweep alone): run fmnist "
                               "lr-find first and give its rate with --lr.")
@@ -208,8 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     run = train.fit(cfg, resume=args.resume, progress=_progress(args), echo=_echo(args),
-                    command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None),
-                    recipe=getattr(args, "recipe", ""))
+                    command=" ".join(["fmnist"] + sys.argv[1:]), data_dir=getattr(args, "data_dir", None))
     if not args.resume and found is not None:
         _keep_lr_find(run, found)
     s = run.summary
@@ -637,9 +616,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                      "track_neurons": models.default_track(name)})
     from . import devices
 
-    recipes = _recipes_here()
+    precision = _precision_here()
     if args.json:
-        _print_json({"models": rows, "presets": config_mod.presets(), "recipes": recipes,
+        _print_json({"models": rows, "presets": config_mod.presets(), "precision": precision,
                      "instruction_set": devices.instruction_set(), "native_bf16": devices.native_bf16()})
         return 0
     for r in rows:
@@ -650,9 +629,11 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"tracks neuron {','.join(map(str, r['track_neurons']))}")
     print("presets: " + ", ".join(config_mod.presets()))
     native = "computes bfloat16 natively" if devices.native_bf16() else "has no native bfloat16"
-    for name, which in recipes.items():
-        words = _recipe_words(name) if which == config_mod.FP32 else "bf16 recipe (as its file says)"
-        print(f"{name} on this machine ({devices.instruction_set()}, {native}): the {words}")
+    for which in ("bf16", "fp32"):
+        names = [name for name, p in precision.items() if p == which]
+        if names:
+            words = "bf16 autocast" if which == "bf16" else "fp32"
+            print(f"{', '.join(names)} on this machine ({devices.instruction_set()}, {native}): train in {words}")
     return 0
 
 

@@ -303,34 +303,12 @@ def presets() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
 
 
-# A preset may hold a table of this name: the fields it changes where the run computes in fp32 (no native bf16
-# on its device), for a preset whose recipe is tuned to bfloat16's speed (cnn-fast: see its comment).
-FP32 = "fp32"
-
-
-def _preset_values(name: str) -> dict[str, Any]:
+def preset(name: str, base: TrainConfig | None = None) -> TrainConfig:
+    """`base` with preset `name` applied."""
     if name not in presets():
         raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(presets())}.")
-    return tomllib.loads((resources.files("fmnist") / "presets" / f"{name}.toml").read_text())
-
-
-def preset(name: str, base: TrainConfig | None = None, fp32: bool = False) -> TrainConfig:
-    """`base` with preset `name` applied: with fp32=True, also its fp32 table (the recipe for a run without native
-    bf16; see recipe())."""
-    values = _preset_values(name)
-    table = values.pop(FP32, {})
-    return from_dict({**values, **(table if fp32 else {})}, base, where=f"preset {name}")
-
-
-def fp32_recipe(name: str) -> dict[str, Any]:
-    """The fields preset `name` changes where the run computes in fp32 ({} if it has one recipe for all)."""
-    return dict(_preset_values(name).get(FP32, {}))
-
-
-def recipe(name: str, bf16: bool) -> str:
-    """Which of preset `name`'s recipes a run takes, in words for summary.json and `fmnist models`: "" for a
-    preset with one recipe, else "bf16" or "fp32"."""
-    return "" if not fp32_recipe(name) else "bf16" if bf16 else FP32
+    values = tomllib.loads((resources.files("fmnist") / "presets" / f"{name}.toml").read_text())
+    return from_dict(values, base, where=f"preset {name}")
 
 
 def _toml_value(v: Any) -> str:

@@ -250,7 +250,7 @@ def whiten_stem(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> No
     each scaled by 1 / sqrt(eigenvalue + eps), and their negatives (the max-pool after the conv keeps only the
     larger side of a direction). A 3x3 patch has 9 directions, so 18 filters start so and any others keep their
     initialisation. Deterministic in `images`, so every rank of a distributed run computes the same. Without it
-    cnn-fast's validation accuracy was 0.3 points lower at seed 0 with either recipe (benchmarks/RESULTS.md)."""
+    cnn-fast's validation accuracy was 0.3 points lower at seed 0 in bf16 and in fp32 (benchmarks/RESULTS.md)."""
     conv = first_layer(model)
     c, k = conv.weight.shape[0], conv.weight.shape[-1]
     x = ((images.double() / 255 - MEAN) / STD).unsqueeze(1)  # data.normalize's, in float64 for the covariance

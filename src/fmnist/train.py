@@ -268,7 +268,6 @@ class Training:
     best: dict[str, Any] = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
     start_epoch: int = 1
     tb: Any = None  # a TensorBoard SummaryWriter, or None
-    recipe: str = ""  # which of its preset's recipes the run took: "" (one recipe), "bf16" or "fp32"
 
     @property
     def device(self) -> torch.device:
@@ -285,7 +284,7 @@ class Training:
 def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = False,
         echo: Callable[[str], None] = lambda s: None, command: str = "",
         on_epoch: Callable[[dict], None] | None = None, test: bool = True,
-        data_dir: str | None = None, recipe: str = "") -> Run:
+        data_dir: str | None = None) -> Run:
     """Train `cfg` into <out_dir>/<name>/ (or continue the run in `resume`); returns the Run.
 
     Everything a user can get wrong is found before the run directory is
@@ -295,7 +294,6 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
     tuner reports and prunes there). With test=False the test split is not
     touched at all: the summary then has no test figures and no figures are
     drawn (for tuning, where every decision must rest on validation alone).
-    `recipe`: which of its preset's recipes the run took (config.recipe), kept in last.pt and summary.json.
     """
     started = time.perf_counter()
     world, device = distributed.start(cfg.device)
@@ -316,7 +314,6 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, progress: bool = Fal
                     echo(BF16_NOTE)
                 t = build(cfg, run_dir, world, splits, device, teacher)
                 t.echo, t.progress = echo, progress
-                t.recipe = recipe or (saved or {}).get("recipe", "")
                 restore(t, saved)
                 start_files(t)
                 try:
@@ -707,7 +704,7 @@ def _save_checkpoints(t: Training, row: dict[str, Any], improved: bool) -> None:
                           "config": cfg_dict, "epoch": row["epoch"], "history": t.history, "best": t.best,
                           "data": digest, **({"ema": ema.state_dict()} if ema is not None else {}),
                           "threads": torch.get_num_threads() if t.device.type == "cpu" else 0,
-                          "world_size": t.world.size, "recipe": t.recipe,
+                          "world_size": t.world.size,
                           "neurons": {str(k): torch.stack(v) for k, v in t.neurons.items()}},
                          t.run_dir / "last.pt")
 
@@ -742,7 +739,6 @@ def finish(t: Training, test: bool, command: str, started: float) -> Run:
         world_size=world.size, backend=world.backend or "none", global_batch=cfg.batch_size,
         batch_per_process=cfg.batch_size // world.size,
         torch_version=torch.__version__, seed=cfg.seed, command=command or " ".join(["fmnist"] + sys.argv[1:]),
-        **({"recipe": t.recipe} if t.recipe else {}),
         **cal_figures,
     )
     if world.main:
