@@ -228,8 +228,7 @@ def report(res: dict, target: float, block: str) -> str:
     for p in res["presets"]:
         r = p["runs"]
         per_seed = ", ".join(f"{100 * x['test_accuracy']:.2f}" for x in r)
-        recipe = f" ({r[0]['recipe']} recipe)" if r[0].get("recipe") else ""  # results of a former two-recipe cnn-fast
-        lines.append(f"| {p['name']}{recipe} | {len(r)} | {pct([x['test_accuracy'] for x in r])} | {per_seed} | "
+        lines.append(f"| {p['name']} | {len(r)} | {pct([x['test_accuracy'] for x in r])} | {per_seed} | "
                      f"{pct([x['best_val_accuracy'] for x in r])} | "
                      f"{min(x['wall_seconds'] for x in r):.0f}-{max(x['wall_seconds'] for x in r):.0f} | "
                      f"{r[0]['parameters']:,} | {r[0]['macs_per_image'] / 1e6:.2f}M |")
