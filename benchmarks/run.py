@@ -160,6 +160,20 @@ def public(res: dict) -> str:
     return json.dumps(out, indent=1) + "\n"
 
 
+def recorded_argv(argv: list[str]) -> str:
+    """The command line as the results record it: where runs were kept is this machine's business, not the figures'."""
+    out, hide = [], False
+    for a in argv:
+        if hide:
+            out.append("DIR")
+        elif a.startswith("--keep-runs="):
+            out.append("--keep-runs=DIR")
+        else:
+            out.append(a)
+        hide = a == "--keep-runs"
+    return " ".join(out)
+
+
 def first_at(curve: list, target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
@@ -271,7 +285,7 @@ def main() -> int:
     torch.set_num_threads(devices.cores())
     torch.set_flush_denormal(True)
     splits = data.load(args.data_dir)
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv[1:]), "machine": machine(),
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "argv": recorded_argv(sys.argv[1:]), "machine": machine(),
                  # bf16 only where native: elsewhere one 2048x2048 product takes minutes (nothing runs in it)
                  "matmul": {"fp32": train_step.matmul_gflops(torch.float32),
                             "bf16": train_step.matmul_gflops(torch.bfloat16) if devices.native_bf16() else None},
