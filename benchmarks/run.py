@@ -160,17 +160,21 @@ def public(res: dict) -> str:
     return json.dumps(out, indent=1) + "\n"
 
 
+LOCAL_PATHS = ("--keep-runs", "--data-dir", "--out")  # options whose value is a folder of this machine
+
+
 def recorded_argv(argv: list[str]) -> str:
-    """The command line as the results record it: where runs were kept is this machine's business, not the figures'."""
+    """The command line as the results record it: this machine's folders are its business, not the figures'."""
     out, hide = [], False
     for a in argv:
+        name = a.split("=", 1)[0]
         if hide:
             out.append("DIR")
-        elif a.startswith("--keep-runs="):
-            out.append("--keep-runs=DIR")
+        elif "=" in a and name in LOCAL_PATHS:
+            out.append(f"{name}=DIR")
         else:
             out.append(a)
-        hide = a == "--keep-runs"
+        hide = a in LOCAL_PATHS
     return " ".join(out)
 
 

@@ -20,3 +20,5 @@ def test_the_recorded_command_hides_where_runs_were_kept():
         "--presets cnn-quick --keep-runs DIR --seeds 0"
     assert rec(["--keep-runs=/home/me/runs", "--block", "quick"]) == "--keep-runs=DIR --block quick"
     assert rec(["--block", "race"]) == "--block race"
+    assert rec(["--data-dir", "/data/fm", "--out=/tmp/o", "--compare", "benchmarks/results.json"]) == \
+        "--data-dir DIR --out=DIR --compare benchmarks/results.json"
