@@ -43,7 +43,7 @@ PRODUCT_LEVELS = 32  # ... if its brightest pixel is this much above its border 
 WORK = 256  # px: the longest side of the copy on which the background is measured and the product found
 CROP = 8 * SIZE  # px: the product is cropped from the decoded image, area-averaged while it stays this long
 DRAFT = 768  # px: a JPEG this long or longer is decoded at a reduced scale (1/2 to 1/8), the smallest ...
-DECODE = 192  # px: ... from which the working copy is still this long
+DECODE = 384  # px: ... from which it is still this long (a product half as long keeps 7 px per output px)
 RING = 0.04  # of the shorter side: the outer band from which the background is measured
 CONTRAST = 16.0  # levels of 255: the least a product pixel differs from the flattened background
 PART = 0.1  # of the largest part's area: a separate part kept as the product's (a sandal's straps)
@@ -132,15 +132,14 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels
 
 def _decode_scale(width: int, height: int) -> int:
     """The JPEG scale (1, 2, 4 or 8: decoded at 1/scale) for `photo`: a JPEG at least DRAFT pixels long is
-    decoded at the smallest scale from which its working copy (at most WORK pixels, area-averaged by a whole
-    factor) is still DECODE pixels long and its shorter side 8. A 1600x1200 photo is decoded at 1/8 (200x150,
-    the working copy itself), a 1024x768 one at 1/4, a camera's 4032x3024 at 1/8 (504x378, its working copy
-    252x189); a smaller JPEG in full (as luma, about a millisecond: its product needs every pixel)."""
+    decoded at the smallest scale from which it is still DECODE pixels long (and its shorter side 8). A
+    1600x1200 photo is decoded at 1/4 (400x300: the working copy 200x150, the product cropped from twice as
+    many pixels), a 1024x768 one at 1/2, a camera's 4032x3024 at 1/8 (504x378); a smaller JPEG in full (as
+    luma, about a millisecond: its product needs every pixel)."""
     if max(width, height) < DRAFT:
         return 1
     for scale in (8, 4, 2):
-        side = max(width, height) // scale
-        if side // -(-side // WORK) >= DECODE and min(width, height) // scale >= 8:
+        if max(width, height) // scale >= DECODE and min(width, height) // scale >= 8:
             return scale
     return 1
 
