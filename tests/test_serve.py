@@ -296,7 +296,8 @@ def test_requests_waiting_together_share_one_model_call(trained_run):
     results = asyncio.run(go())
     probs, scores = p.outputs(x)
     np.testing.assert_allclose(np.concatenate([r[0] for r in results]), probs, atol=1e-6)
-    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), scores, rtol=1e-5)  # each its own score
+    # each its own score (another image's differs by tenths; a score near 0 may differ by float rounding)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), scores, rtol=1e-5, atol=1e-5)
     assert batcher.calls == 1 and batcher.images == 10  # all ten were waiting when the batcher woke: one call
 
 
