@@ -237,22 +237,44 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("kind", ["dress", "trousers", "bag"])
 def test_a_cast_shadow_is_cut_away_whichever_way_it_falls(kind):
-    """The dark region is the product and its shadow; what the cast-shadow search keeps is the product (within
-    its soft edge), whichever way the light falls; the shadow itself covered a fifth of the region or more."""
+    """The dark region is the product and its shadow; what the segmenter keeps is the product (within its soft
+    edge), whichever way the light falls; the shadow itself covered a fifth of the region or more. (Scenes made
+    here, not by the renderer the segmenter was trained on.)"""
     for shift in [(10, 10), (10, -10), (-10, 10), (-10, -10), (12, 0), (0, -12)]:
         flat, dark, product = _working_scene(kind, shift)
-        kept = preprocess._without_cast_shadow(dark, *preprocess._shadowy(flat, dark))
-        assert kept is not None, shift
-        assert _iou(kept, product) > max(0.85, _iou(dark, product) + 0.05), (shift, _iou(kept, product))
+        kept = preprocess._segmented(flat, dark)
+        assert not (kept & ~dark).any()
+        assert _iou(kept, product) > max(0.85, _iou(dark, product) + 0.08), (shift, _iou(kept, product))
 
 
 @pytest.mark.parametrize("pale", [False, True])
-def test_a_product_without_a_shadow_loses_nothing_to_the_search(pale):
-    """No shadow, nothing removed: not from a textured product, nor from a pale, smooth one (a band of which
-    would score like a shadow: its edge with the sheet is sharp, a blurred shadow's is not)."""
+def test_a_product_without_a_shadow_loses_nothing_to_the_segmenter(pale):
+    """No shadow, (nearly) nothing removed: not from a textured product, nor from a pale, smooth one (a band of
+    which is as light and as smooth as a shadow's)."""
     for kind in ("dress", "trousers", "bag"):
         flat, dark, _ = _working_scene(kind, None, pale)
-        assert preprocess._without_cast_shadow(dark, *preprocess._shadowy(flat, dark)) is None
+        assert preprocess._segmented(flat, dark).sum() >= 0.97 * dark.sum(), kind
+
+
+def test_a_missing_segmenter_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(preprocess, "SEGMENTER", tmp_path / "shadow.onnx")
+    preprocess._segmenter.cache_clear()
+    try:
+        with pytest.raises(PredictError, match="segmenter .* is missing or unreadable; reinstall"):
+            preprocess.prepare(_on_a_sheet(_products()[0], None))
+    finally:
+        preprocess._segmenter.cache_clear()
+
+
+def test_the_segmenter_answers_threads_at_once_as_it_does_alone():
+    """The service prepares several photos at once in threads: one OpenCV network is shared, under a lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scenes = [_working_scene(kind, shift) for kind in ("dress", "trousers", "bag") for shift in ((10, 10), None)]
+    alone = [preprocess._segmented(flat, dark) for flat, dark, _ in scenes]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda s: preprocess._segmented(s[0], s[1]), scenes * 4))
+    assert all(np.array_equal(a, b) for a, b in zip(alone * 4, together))
 
 
 def _on_a_sheet(pixels: np.ndarray, shift: tuple[int, int] | None) -> bytes:
@@ -276,28 +298,31 @@ def _on_a_sheet(pixels: np.ndarray, shift: tuple[int, int] | None) -> bytes:
 @pytest.mark.slow
 def test_real_products_lose_the_shadow_they_cast(real_dir, monkeypatch):
     """200 test images photographed with a drop shadow (4-8 % of their size away, eight ways round) come out
-    closer to the same photo without the shadow than they do without the cast-shadow search, and photos
-    without a shadow come out exactly as they did before it."""
+    closer to the same photo without the shadow than they do without the segmenter; photos without a shadow
+    come out nearly all as they do without it (a few a pixel narrower), and as like the dataset image."""
     x, _ = data.load_split(real_dir, "test")
     pick = np.random.default_rng(0).permutation(len(x))[:200]
     rng = np.random.default_rng(1)
     ways = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (0, 1), (0, -1), (-1, 0)]
-    search = preprocess._without_cast_shadow
+    segmented = preprocess._segmented
     likeness = {"with": [], "without": []}
-    unchanged = []
+    clean_alike, like_image = [], {"with": [], "without": []}
     for n, i in enumerate(pick):
         away = rng.uniform(0.04, 0.08) * 224
         shadowed = _on_a_sheet(x[i], (round(away * ways[n % 8][0]), round(away * ways[n % 8][1])))
         clean = {}
-        for name, fn in (("with", search), ("without", lambda *a: None)):
-            monkeypatch.setattr(preprocess, "_without_cast_shadow", fn)
+        for name, fn in (("with", segmented), ("without", lambda flat, dark: dark)):
+            monkeypatch.setattr(preprocess, "_segmented", fn)
             clean[name] = preprocess.prepare(_on_a_sheet(x[i], None))[0]
             likeness[name].append(_corr(preprocess.prepare(shadowed)[0], clean["with"]))
-        unchanged.append(np.array_equal(clean["with"], clean["without"]))
+            like_image[name].append(_corr(clean[name], x[i]))
+        clean_alike.append(_corr(clean["with"], clean["without"]))
     with_, without = np.array(likeness["with"]), np.array(likeness["without"])
     assert with_.mean() > without.mean() + 0.02, (with_.mean(), without.mean())
     assert (with_ > 0.95).mean() > (without > 0.95).mean() + 0.08
-    assert np.mean(unchanged) == 1.0
+    assert np.mean(np.array(clean_alike) > 0.99) > 0.9, sorted(clean_alike)[:20]
+    assert np.mean(like_image["with"]) > np.mean(like_image["without"]) - 0.005
+
 
 
 def test_a_flattened_sheet_is_white_and_the_product_keeps_its_shades():
