@@ -2,7 +2,7 @@
 its drop shadow not. Writes src/fmnist/shadow.onnx (read by OpenCV's dnn module, so preprocessing stays
 torch-free).
 
-    python benchmarks/shadow_segmenter.py                  # 32,000 pairs, 14 epochs: about 25 minutes on 2 cores
+    python benchmarks/shadow_segmenter.py                  # 32,000 pairs, 14 epochs: about 20 minutes on 2 cores
     python benchmarks/shadow_segmenter.py --pairs 2000 --epochs 1 --out /tmp/shadow.onnx   # a quick try
 
 Training images only (the run's training split at the default split seed): each one photographed twice by a
@@ -17,7 +17,7 @@ small product in a big frame, sensor noise, JPEG quality 75-95.
 The input is what `photo` decides from: the flattened working copy and its dark mask, the dark region's box
 (`preprocess._segment_input`). The target: the product found in the shadowless twin (`preprocess._product`
 of its dark mask), within the shadowed photo's dark mask. The network: a three-level U-Net, 8-16-16 channels,
-dilated convolutions at the bottom (a receptive field wider than the farthest shadow), about 13,000
+dilated convolutions at the bottom (a receptive field wider than the farthest shadow), about 17,500
 weights; binary cross-entropy over the dark pixels, AdamW with a one-cycle schedule, fp32.
 
 Needs torch and onnx (`pip install 'fmnist[onnx]'`), and the dataset.

@@ -411,7 +411,7 @@ def _segmented(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
     softness, so rules on either (a flood through soft pixels, then a search for the product's outline moved and
     blurred, before this) left a band of shadow where it meets the product. The segmenter learnt the difference
     from 32,000 photo pairs of training images, each with and without its shadow, rendered apart from the
-    benchmark's photos and the tests' (benchmarks/shadow_segmenter.py); about 13,000 weights, 0.6 ms a photo
+    benchmark's photos and the tests' (benchmarks/shadow_segmenter.py); about 17,500 weights, 0.6 ms a photo
     on one core. Measured on the photo benchmark: see RESULTS.md, Photos.
     """
     x, (r0, r1, c0, c1), (nh, nw) = _segment_input(flat, dark)
