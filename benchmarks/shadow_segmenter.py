@@ -111,9 +111,9 @@ def _found(im: Image.Image, quality: int) -> tuple[np.ndarray, np.ndarray] | Non
 def pairs(job: tuple[np.ndarray, int, np.ndarray]) -> np.ndarray:
     """Training pairs for some of the images: (n, 3, SEG_SIDE, SEG_SIDE) float16, the segmenter's two input
     channels and the target (the shadowless twin's product within the shadowed photo's dark mask)."""
-    picks, seed, images = job
+    picks, seed, images = job  # the images of `picks` alone (not the whole split: each job is pickled to a worker)
     out = []
-    for i in picks:
+    for i, pixels in zip(picks, images):
         rng = np.random.default_rng([seed, int(i)])
         darkness = float(rng.uniform(0.15, 0.6)) if rng.random() < 0.75 else 0.0
         quality = int(rng.integers(75, 96))
@@ -121,7 +121,7 @@ def pairs(job: tuple[np.ndarray, int, np.ndarray]) -> np.ndarray:
         twins = []
         for d in (darkness, 0.0):
             rng.bit_generator.state = state
-            twins.append(_found(photograph(images[i], rng, d), quality))
+            twins.append(_found(photograph(pixels, rng, d), quality))
         (shadowed, clean) = twins
         if shadowed is None or clean is None or shadowed[0].shape != clean[0].shape or not shadowed[1].any():
             continue
@@ -243,7 +243,7 @@ def main() -> None:
     picks = np.random.default_rng(args.seed).permutation(len(x))[:args.pairs]
     start = time.perf_counter()
     with Pool(args.workers) as pool:
-        g = np.concatenate(pool.map(pairs, [(part, args.seed, x) for part in np.array_split(picks, 32)]))
+        g = np.concatenate(pool.map(pairs, [(part, args.seed, x[part]) for part in np.array_split(picks, 32)]))
     print(f"{len(g)} pairs rendered in {time.perf_counter() - start:.0f} s", flush=True)
     net, _ = train(g, args.epochs, args.seed)
     export(net, args.out)
