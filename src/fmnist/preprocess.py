@@ -264,10 +264,8 @@ def photo(im: Image.Image) -> np.ndarray:
     # averaged by the largest factor of f that leaves it CROP pixels long (a large product then costs no more
     # than a small one; 4 pixels per output pixel left the part-covered edge pixels as a rim, darkened by the
     # sharpening, and measured up to 0.3 points lower on validation photos), divided by the surface there;
-    # everything outside the product white. The widening takes none of the dark pixels the segmenter took for
-    # shadow: it brought back the shadow's edge where it meets the product (0.7-0.9 points on validation shadow
-    # photos of three renderers)
-    near = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & (mask | ~dark)
+    # everything outside the product white
+    near = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     rows, cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     fc = max([d for d in range(1, f + 1) if f % d == 0 and max(r1 - r0, c1 - c0) * f // d >= CROP] or [1])
@@ -376,32 +374,23 @@ def _surface(coef: np.ndarray, h: int, w: int, window: tuple | None = None) -> n
 
 
 def _segment_input(flat: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int],
-                                                                  tuple[int, int, int, int]]:
+                                                                  tuple[int, int]]:
     """The segmenter's input for a working copy and its non-empty dark mask: (1, 2, SEG_SIDE, SEG_SIDE) float32
     (how dark each pixel is, 0 for the background to 1 for black; the share of it that is dark), the dark
-    region's box grown by SEG_MARGIN resized by area with its aspect kept, at the top left; with that box within
-    the image (rows, then columns, in working pixels) and where it lies in the input (rows, then columns). Where
-    the grown box reaches past the image (a product the photo cuts off), the sheet is carried on beyond it:
-    the network was trained on products with white around them, and a product ending at the edge of its input
-    was taken as a shadow there."""
+    region's box grown by SEG_MARGIN resized by area with its aspect kept, at the top left; with that box (rows,
+    then columns, in working pixels) and the size it fills (rows, columns)."""
     rows, cols = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     grow = max(2, round(SEG_MARGIN * max(r1 - r0, c1 - c0)))
-    h, w = dark.shape
-    pad = (max(0, grow - r0), max(0, r1 + grow - h), max(0, grow - c0), max(0, c1 + grow - w))  # top, bottom, ...
-    r0, r1, c0, c1 = max(0, r0 - grow), min(h, r1 + grow), max(0, c0 - grow), min(w, c1 + grow)
-    scale = SEG_SIDE / max(r1 - r0 + pad[0] + pad[1], c1 - c0 + pad[2] + pad[3])
-    nh = max(1, round((r1 - r0 + pad[0] + pad[1]) * scale))
-    nw = max(1, round((c1 - c0 + pad[2] + pad[3]) * scale))
-    shade = cv2.copyMakeBorder(1 - np.clip(flat[r0:r1, c0:c1], 0, 255) / np.float32(255), *pad,
-                               cv2.BORDER_CONSTANT, value=0)
-    within = cv2.copyMakeBorder(dark[r0:r1, c0:c1].astype(np.float32), *pad, cv2.BORDER_CONSTANT, value=0)
+    r0, r1, c0, c1 = max(0, r0 - grow), min(dark.shape[0], r1 + grow), max(0, c0 - grow), min(dark.shape[1],
+                                                                                              c1 + grow)
+    scale = SEG_SIDE / max(r1 - r0, c1 - c0)
+    nh, nw = max(1, round((r1 - r0) * scale)), max(1, round((c1 - c0) * scale))
     x = np.zeros((1, 2, SEG_SIDE, SEG_SIDE), np.float32)
-    x[0, 0, :nh, :nw] = cv2.resize(shade, (nw, nh), interpolation=cv2.INTER_AREA)
-    x[0, 1, :nh, :nw] = cv2.resize(within, (nw, nh), interpolation=cv2.INTER_AREA)
-    y0, x0 = round(pad[0] * scale), round(pad[2] * scale)
-    y1, x1 = max(y0 + 1, nh - round(pad[1] * scale)), max(x0 + 1, nw - round(pad[3] * scale))
-    return x, (r0, r1, c0, c1), (y0, y1, x0, x1)
+    x[0, 0, :nh, :nw] = cv2.resize(1 - np.clip(flat[r0:r1, c0:c1], 0, 255) / np.float32(255), (nw, nh),
+                                   interpolation=cv2.INTER_AREA)
+    x[0, 1, :nh, :nw] = cv2.resize(dark[r0:r1, c0:c1].astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA)
+    return x, (r0, r1, c0, c1), (nh, nw)
 
 
 @functools.lru_cache(maxsize=1)
@@ -421,16 +410,15 @@ def _segmented(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
     In greyscale a shadow's light band and a light product's soft edge have the same darkness and the same
     softness, so rules on either (a flood through soft pixels, then a search for the product's outline moved and
     blurred, before this) left a band of shadow where it meets the product. The segmenter learnt the difference
-    from 32,000 photo pairs of training images, each with and without its shadow (one lamp's or two, moved,
-    stretched and sheared as a lamp projects the outline, sharp to soft), rendered apart from the benchmark's
-    photos and the tests' (benchmarks/shadow_segmenter.py); about 17,500 weights, 0.6 ms a photo on one core.
-    Measured on the photo benchmark: see RESULTS.md, Photos.
+    from 32,000 photo pairs of training images, each with and without its shadow, rendered apart from the
+    benchmark's photos and the tests' (benchmarks/shadow_segmenter.py); about 17,500 weights, 0.6 ms a photo
+    on one core. Measured on the photo benchmark: see RESULTS.md, Photos.
     """
-    x, (r0, r1, c0, c1), (y0, y1, x0, x1) = _segment_input(flat, dark)
+    x, (r0, r1, c0, c1), (nh, nw) = _segment_input(flat, dark)
     net, lock = _segmenter()
     with lock:
         net.setInput(x)
-        logit = net.forward().reshape(SEG_SIDE, SEG_SIDE)[y0:y1, x0:x1]
+        logit = net.forward().reshape(SEG_SIDE, SEG_SIDE)[:nh, :nw]
     out = np.zeros_like(dark)
     out[r0:r1, c0:c1] = (cv2.resize(logit, (c1 - c0, r1 - r0), interpolation=cv2.INTER_LINEAR) > 0) \
         & dark[r0:r1, c0:c1]
